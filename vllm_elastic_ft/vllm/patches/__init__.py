@@ -1,0 +1,14 @@
+"""The plugin's vLLM patches, one module per patched vLLM area.
+
+Each module defines ``SPECS`` (its registry entries, see ``patching.PatchSpec``)
+and ``apply()``. ``FRONTEND`` patches take effect where engine arguments are
+parsed (API server, Ray Serve replica); ``ENGINE`` patches where the model runs
+(engine-core and worker processes). The plugin applies both everywhere: each is
+idempotent and cheap, and a process simply never calls the other side's code.
+"""
+
+from vllm_elastic_ft.vllm.patches import cpu_communicator, cpu_experts, engine_args
+
+FRONTEND = (engine_args,)
+ENGINE = (cpu_communicator, cpu_experts)
+ALL = FRONTEND + ENGINE

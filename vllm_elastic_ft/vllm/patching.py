@@ -1,0 +1,123 @@
+"""How this plugin patches vLLM: one registry entry per patch, one helper to apply it.
+
+Every patch names the exact vLLM symbol it replaces, the vLLM versions it was
+written against, why it exists, the upstream issue, and when it can go. Applying
+a patch is idempotent (a marker attribute on the wrapper), refuses to run on a
+vLLM version it was not written for, and checks that the upstream signature
+still has the parameters the wrapper relies on: a silent mismatch would make
+the plugin misbehave instead of failing loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+#: vLLM releases every patch in this package was written and tested against.
+SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+
+_MARKER = "__elastic_ft_patch__"
+
+
+class UnsupportedVLLMError(RuntimeError):
+    """The installed vLLM is not one this plugin's patches were written for."""
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """A registry entry: what one patch replaces, and why.
+
+    Attributes:
+        target: ``module:Class.method`` of the vLLM symbol that is replaced.
+        why: the behaviour of stock vLLM that the patch changes.
+        how: what the replacement does.
+        upstream: the upstream issue or PR that tracks the gap.
+        remove_when: the condition under which the patch can be deleted.
+        params: parameter names the wrapper relies on (checked on the original).
+        vllm_versions: vLLM releases the patch targets.
+    """
+
+    target: str
+    why: str
+    how: str
+    upstream: str
+    remove_when: str
+    params: tuple[str, ...] = ()
+    vllm_versions: tuple[str, ...] = SUPPORTED_VLLM_VERSIONS
+
+    @property
+    def owner_and_name(self) -> tuple[type, str]:
+        module_name, _, qualname = self.target.partition(":")
+        cls_name, _, attr = qualname.rpartition(".")
+        owner: Any = importlib.import_module(module_name)
+        for part in cls_name.split("."):
+            owner = getattr(owner, part)
+        return owner, attr
+
+
+def installed_vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def check_vllm_version(spec: PatchSpec, version: str | None = None) -> None:
+    version = version or installed_vllm_version()
+    if version not in spec.vllm_versions:
+        raise UnsupportedVLLMError(
+            f"vllm-elastic-ft patch for {spec.target} supports vLLM "
+            f"{list(spec.vllm_versions)}, but vLLM {version} is installed. Install a "
+            "supported vLLM, or disable the plugin (VLLM_PLUGINS without "
+            "'elastic_ft', or additional_config elastic_ft.enabled=false)."
+        )
+
+
+def is_patched(func: Any) -> bool:
+    return getattr(func, _MARKER, None) is not None
+
+
+def apply_patch(
+    spec: PatchSpec,
+    make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]],
+    *,
+    kind: str = "method",
+    version: str | None = None,
+) -> bool:
+    """Replace ``spec.target`` with ``make_wrapper(original)``.
+
+    Args:
+        spec: the registry entry.
+        make_wrapper: gets the original function (``None`` when the attribute is
+            only inherited from a base class that raises NotImplementedError is
+            not distinguished: the original is whatever attribute lookup finds).
+        kind: ``"method"``, ``"staticmethod"`` or ``"classmethod"``: how the
+            replacement is installed on the class.
+        version: the vLLM version to check against (tests pass one).
+
+    Returns:
+        True if the patch was installed now, False if it already was.
+    """
+    check_vllm_version(spec, version)
+    owner, name = spec.owner_and_name
+    raw = inspect.getattr_static(owner, name)
+    original = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    if is_patched(original):
+        return False
+    missing = [p for p in spec.params if p not in inspect.signature(original).parameters]
+    if missing:
+        raise UnsupportedVLLMError(
+            f"{spec.target} no longer takes {missing}; the vllm-elastic-ft patch "
+            f"was written for vLLM {list(spec.vllm_versions)}."
+        )
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, _MARKER, spec)
+    if kind == "staticmethod":
+        setattr(owner, name, staticmethod(wrapper))
+    elif kind == "classmethod":
+        setattr(owner, name, classmethod(wrapper))
+    else:
+        setattr(owner, name, wrapper)
+    return True
