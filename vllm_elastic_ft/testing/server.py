@@ -8,7 +8,6 @@ stopping it takes its engine-core and worker processes with it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vllm_elastic_ft.loadgen import complete_once
 from vllm_elastic_ft.testing.harness import free_port
 
 
@@ -183,25 +183,6 @@ class VLLMServer:
         except (urllib.error.URLError, OSError):
             return None
 
-    def complete(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0,
-                 **params: Any) -> dict[str, Any]:
-        """A greedy ``/v1/completions`` call; returns the parsed response."""
-        body = {
-            "model": "tiny-moe",
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-            **params,
-        }
-        req = urllib.request.Request(
-            self.url + "/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
-
-    def greedy_tokens(self, prompt: str, max_tokens: int = 16) -> list[int]:
-        return list(self.complete(prompt, max_tokens)["choices"][0]["token_ids"])
+    def greedy_tokens(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0) -> list[int]:
+        """Output token ids of one greedy ``/v1/completions`` call."""
+        return complete_once(self.url, prompt, max_tokens, timeout_s)

@@ -1,0 +1,91 @@
+"""The patch registry and the patch helper (idempotence, version and signature checks)."""
+
+import inspect
+import pkgutil
+
+import pytest
+
+from vllm_elastic_ft.vllm import patches
+from vllm_elastic_ft.vllm.patching import (
+    PatchSpec,
+    UnsupportedVLLMError,
+    apply_patch,
+    installed_vllm_version,
+    is_patched,
+)
+
+
+def test_every_patch_module_is_registered_and_documented():
+    listed = {m.__name__.rsplit(".", 1)[1] for m in patches.ALL}
+    on_disk = {m.name for m in pkgutil.iter_modules(patches.__path__)}
+    assert listed == on_disk, "every file in vllm/patches must be listed in patches.ALL"
+    for module in patches.ALL:
+        assert module.SPECS, module.__name__
+        for spec in module.SPECS:
+            assert spec.why and spec.how and spec.upstream and spec.remove_when
+            # The target exists in the installed vLLM and takes the parameters we rely on.
+            owner, name = spec.owner_and_name
+            original = inspect.getattr_static(owner, name)
+            original = getattr(original, "__func__", original)
+            assert set(spec.params) <= set(inspect.signature(original).parameters)
+
+
+def test_supported_version_is_installed():
+    for module in patches.ALL:
+        for spec in module.SPECS:
+            assert installed_vllm_version() in spec.vllm_versions
+
+
+class Target:
+    def method(self, x, y=1):
+        return ("original", x, y)
+
+
+def _spec(**kw) -> PatchSpec:
+    return PatchSpec(
+        target=f"{__name__}:Target.method", why="w", how="h", upstream="u",
+        remove_when="r", **kw,
+    )
+
+
+def test_apply_patch_wraps_once_and_keeps_metadata(monkeypatch):
+    monkeypatch.setattr(Target, "method", Target.__dict__["method"])
+    calls = []
+
+    def make_wrapper(original):
+        def method(self, x, y=1):
+            calls.append(x)
+            return ("patched",) + original(self, x, y)[1:]
+
+        return method
+
+    spec = _spec(params=("self", "x"))
+    assert apply_patch(spec, make_wrapper, version=spec.vllm_versions[0]) is True
+    assert apply_patch(spec, make_wrapper, version=spec.vllm_versions[0]) is False
+    assert Target().method(3) == ("patched", 3, 1)
+    assert calls == [3], "applied twice would call the wrapper twice"
+    assert is_patched(Target.method) and Target.method.__name__ == "method"
+
+
+def test_unsupported_version_fails_loudly():
+    with pytest.raises(UnsupportedVLLMError, match=r"supports vLLM \['0.32.0'\], but vLLM 0.99.0"):
+        apply_patch(_spec(), lambda original: original, version="0.99.0")
+
+
+def test_changed_signature_fails_loudly(monkeypatch):
+    monkeypatch.setattr(Target, "method", Target.__dict__["method"])
+    spec = _spec(params=("self", "x", "gone"))
+    with pytest.raises(UnsupportedVLLMError, match=r"no longer takes \['gone'\]"):
+        apply_patch(spec, lambda original: original, version=spec.vllm_versions[0])
+    assert not is_patched(Target.method)
+
+
+def test_plugin_register_is_idempotent():
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    from vllm_elastic_ft.plugin import register
+
+    register()
+    first = CpuCommunicator.__dict__["all_gatherv"]
+    register()
+    assert CpuCommunicator.__dict__["all_gatherv"] is first and is_patched(first)

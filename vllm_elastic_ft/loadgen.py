@@ -1,0 +1,121 @@
+"""A bounded, closed-loop completion load against an OpenAI-compatible server.
+
+``run_load`` keeps ``concurrency`` requests in flight until ``num_requests``
+have been sent, and records each request's start, end, output tokens and
+error. Benchmarks turn the records into tokens/s; the failure drill turns them
+into a requests/s timeline and counts lost requests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    prompt: str
+    start: float
+    end: float
+    ok: bool
+    output_tokens: int = 0
+    token_ids: list[int] | None = None
+    error: str | None = None
+
+
+@dataclass
+class LoadSummary:
+    records: list[RequestRecord]
+    wall_s: float
+
+    @property
+    def ok(self) -> int:
+        return sum(r.ok for r in self.records)
+
+    @property
+    def failed(self) -> int:
+        return len(self.records) - self.ok
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.output_tokens for r in self.records if r.ok)
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def complete_once(
+    url: str, prompt: str, max_tokens: int, timeout_s: float, model: str = "tiny-moe"
+) -> list[int]:
+    """One greedy completion; returns its output token ids (raises on any error)."""
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+    ).encode()
+    req = urllib.request.Request(
+        url.rstrip("/") + "/v1/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        payload = json.loads(resp.read())
+    return list(payload["choices"][0]["token_ids"])
+
+
+def run_load(
+    url: str,
+    prompts: Sequence[str],
+    num_requests: int,
+    concurrency: int,
+    max_tokens: int = 32,
+    timeout_s: float = 300.0,
+    on_record: Callable[[RequestRecord], None] | None = None,
+    progress_every_s: float | None = 10.0,
+) -> LoadSummary:
+    """Send ``num_requests`` completions, ``concurrency`` at a time (closed loop)."""
+    lock = threading.Lock()
+    records: list[RequestRecord] = []
+    t0 = time.monotonic()
+    last_note = [t0]
+
+    def one(index: int) -> None:
+        prompt = prompts[index % len(prompts)]
+        start = time.monotonic()
+        try:
+            tokens = complete_once(url, prompt, max_tokens, timeout_s)
+            record = RequestRecord(index, prompt, start, time.monotonic(), True,
+                                   len(tokens), tokens)
+        except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
+            detail = err.read().decode(errors="replace")[:200] if isinstance(
+                err, urllib.error.HTTPError) else ""
+            record = RequestRecord(index, prompt, start, time.monotonic(), False,
+                                   error=f"{type(err).__name__}: {err} {detail}".strip())
+        with lock:
+            records.append(record)
+            now = time.monotonic()
+            if progress_every_s and now - last_note[0] >= progress_every_s:
+                last_note[0] = now
+                done = len(records)
+                print(f"[load] {done}/{num_requests} requests done, "
+                      f"{sum(not r.ok for r in records)} failed, {now - t0:.0f}s", flush=True)
+        if on_record:
+            on_record(record)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, range(num_requests)))
+    records.sort(key=lambda r: r.index)
+    return LoadSummary(records, time.monotonic() - t0)
