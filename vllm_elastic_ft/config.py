@@ -64,6 +64,50 @@ class ElasticFTConfig:
         choices=CPU_DISPATCH_MODES,
     )
 
+    # Rank watchdog (watchdog/): deadlines around every dispatch and combine.
+    watchdog: bool = _setting(
+        True,
+        "Arm a deadline around every MoE dispatch/combine, publish heartbeats and "
+        "report faulty ranks (FaultReport).",
+    )
+    deadline_s: float = _setting(
+        5.0,
+        "Steady-state deadline of one dispatch or combine, in seconds.",
+        min=0.1, max=3600.0,
+    )
+    warmup_calls: int = _setting(
+        200,
+        "Guarded calls per rank that get the warm-up deadline instead (profiling, "
+        "first steps, compilation).",
+        min=0, max=10_000_000,
+    )
+    warmup_deadline_s: float = _setting(
+        0.0,
+        "Deadline during warm-up, in seconds; 0 means no deadline.",
+        min=0.0, max=3600.0,
+    )
+    heartbeat_interval_s: float = _setting(
+        0.1,
+        "How often each rank publishes its heartbeat and checks its peers, in seconds.",
+        min=0.01, max=10.0,
+    )
+    heartbeat_stale_s: float = _setting(
+        2.0,
+        "A peer whose heartbeat is older than this is dead or hung (used where its "
+        "process cannot be probed, i.e. on another host), in seconds.",
+        min=0.05, max=3600.0,
+    )
+    watchdog_native: bool = _setting(
+        True,
+        "Use the native (C++) deadline monitor when it is built; false forces the "
+        "pure-Python monitor.",
+    )
+    store: str = _setting(
+        "",
+        "host:port of the TCPStore that carries heartbeats and fault reports; empty: "
+        "the API server hosts one (set VLLM_ELASTIC_FT_STORE_HOST for multi-node).",
+    )
+
     # ------------------------------------------------------------------ #
     # Construction and validation
     # ------------------------------------------------------------------ #
@@ -94,7 +138,21 @@ class ElasticFTConfig:
                     f"{sorted(fields)}"
                 )
             values[key] = _check_value(fields[key], value)
-        return cls(**values)
+        config = cls(**values)
+        config._check_relations()
+        return config
+
+    def _check_relations(self) -> None:
+        """Checks that involve two keys."""
+        if self.heartbeat_stale_s <= self.heartbeat_interval_s:
+            raise ElasticFTConfigError(
+                f"{CONFIG_KEY}.heartbeat_stale_s ({self.heartbeat_stale_s}) must be greater "
+                f"than {CONFIG_KEY}.heartbeat_interval_s ({self.heartbeat_interval_s})"
+            )
+        if self.store and not _is_host_port(self.store):
+            raise ElasticFTConfigError(
+                f"{CONFIG_KEY}.store must be 'host:port' or empty, got {self.store!r}"
+            )
 
     @classmethod
     def from_additional_config(
@@ -108,6 +166,11 @@ class ElasticFTConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _is_host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def _check_value(f: dataclasses.Field, value: Any) -> Any:

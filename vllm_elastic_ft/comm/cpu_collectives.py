@@ -19,12 +19,15 @@ gloo has neither a variable-size all-gather nor a reduce-scatter, so:
   full-size reduction on every rank).
 
 This module is a plain library: it never arms deadlines itself; the watchdog
-wraps these calls from the patch that owns them.
+wraps these calls from the patch that owns them. Given a ``timeout``, each
+collective runs as an async op with a bounded wait, so a closed peer socket or a
+peer that never arrives surfaces as a ``RuntimeError`` instead of a block.
 """
 
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Sequence
 
 import torch
@@ -32,6 +35,12 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 REDUCE_SCATTER_MODES = ("all_to_all", "allgather")
+
+
+def _finish(work, timeout: timedelta | None) -> None:
+    """Wait for an async collective, at most ``timeout`` (None: it already ran)."""
+    if work is not None:
+        work.wait(timeout)
 
 
 def _as_byte_rows(t: torch.Tensor) -> torch.Tensor:
@@ -44,6 +53,7 @@ def all_gatherv(
     tensors: Sequence[torch.Tensor],
     sizes: Sequence[int],
     group: ProcessGroup,
+    timeout: timedelta | None = None,
 ) -> list[torch.Tensor]:
     """Gather every rank's rows of each tensor, concatenated in rank order.
 
@@ -52,6 +62,7 @@ def all_gatherv(
             the same trailing shape and dtype on every rank.
         sizes: row count of every rank, indexed by rank in ``group``.
         group: a gloo process group.
+        timeout: bound on the wait (None: block as the group's own timeout says).
 
     Returns:
         One tensor per input, ``[sum(sizes), *trailing]``, same dtype.
@@ -73,7 +84,8 @@ def all_gatherv(
     if num_rows:
         torch.cat(byte_rows, dim=1, out=packed[:num_rows])
     gathered = torch.empty((world * max_rows, packed.shape[1]), dtype=torch.uint8)
-    dist.all_gather_into_tensor(gathered, packed, group=group)
+    work = dist.all_gather_single(gathered, packed, group=group, async_op=timeout is not None)
+    _finish(work, timeout)
     # Drop each rank's padding, then cut the byte columns back into tensors.
     per_rank = gathered.view(world, max_rows, -1)
     rows = torch.cat([per_rank[r, : sizes[r]] for r in range(world)], dim=0)
@@ -89,6 +101,7 @@ def reduce_scatterv(
     sizes: Sequence[int],
     group: ProcessGroup,
     mode: str = "all_to_all",
+    timeout: timedelta | None = None,
 ) -> torch.Tensor:
     """Sum ``tensor`` over ranks and return this rank's rows.
 
@@ -97,6 +110,7 @@ def reduce_scatterv(
         sizes: row count owned by every rank, in rank order.
         group: a gloo process group.
         mode: ``"all_to_all"`` or ``"allgather"`` (see the module docstring).
+        timeout: bound on the wait (None: block as the group's own timeout says).
 
     Returns:
         ``[sizes[rank], *trailing]``: the element-wise sum over ranks of the rows
@@ -112,7 +126,7 @@ def reduce_scatterv(
     start = sum(sizes[:rank])
     if mode == "allgather":
         reduced = tensor.contiguous().clone()
-        dist.all_reduce(reduced, group=group)
+        _finish(dist.all_reduce(reduced, group=group, async_op=timeout is not None), timeout)
         return reduced[start : start + sizes[rank]]
     if mode != "all_to_all":
         raise ValueError(f"mode must be one of {list(REDUCE_SCATTER_MODES)}, got {mode!r}")
@@ -120,11 +134,13 @@ def reduce_scatterv(
     received = torch.empty(
         (world * mine,) + tuple(tensor.shape[1:]), dtype=tensor.dtype
     )
-    dist.all_to_all_single(
+    work = dist.all_to_all_single(
         received,
         tensor.contiguous(),
         output_split_sizes=[mine] * world,
         input_split_sizes=list(sizes),
         group=group,
+        async_op=timeout is not None,
     )
+    _finish(work, timeout)
     return received.view((world, mine) + tuple(tensor.shape[1:])).sum(dim=0)

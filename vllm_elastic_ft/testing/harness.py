@@ -4,11 +4,20 @@
 joins them into one gloo group over a TCPStore on loopback, runs
 ``fn(rank, world_size, *args)`` in each and returns the per-rank results in rank
 order. A rank that raises makes the call raise with that rank's traceback.
+
+:class:`RankGroup` is the same with the handles exposed, for failure tests:
+the parent hosts a second TCPStore (``store_address``) that outlives every
+rank (the watchdog's heartbeats live there), sees each rank's pid, can signal
+a rank, and collects the results of the ranks that survive.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -24,6 +33,7 @@ def free_port() -> int:
 
 
 def _rank_main(rank, world_size, port, fn, args, results) -> None:
+    ok, value = True, None
     try:
         dist.init_process_group(
             "gloo",
@@ -32,37 +42,89 @@ def _rank_main(rank, world_size, port, fn, args, results) -> None:
             world_size=world_size,
             timeout=timedelta(seconds=60),
         )
-        results.put((rank, True, fn(rank, world_size, *args)))
+        value = fn(rank, world_size, *args)
     except BaseException:  # report every failure, including SystemExit
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        ok, value = False, traceback.format_exc()
+    # Plain pickle: tensors travel by value, not as shared-memory handles that
+    # would die with this process.
+    results.put(pickle.dumps((rank, ok, value)))
+    # Never destroy a process group whose peer may be dead (it can block): flush
+    # the result and leave.
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+class RankGroup:
+    """``world_size`` rank processes running ``fn(rank, world_size, store_address, *args)``."""
+
+    def __init__(self, fn: Callable[..., Any], world_size: int, *args: Any):
+        self.world_size = world_size
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=30))
+        self.store_address = f"127.0.0.1:{self.store.port}"
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        port = free_port()
+        self.procs = [
+            ctx.Process(target=_rank_main,
+                        args=(r, world_size, port, fn, (self.store_address,) + args, self._results))
+            for r in range(world_size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def wait_key(self, key: str, timeout_s: float = 120.0) -> None:
+        """Block until some rank sets ``key`` in the store."""
+        deadline = time.monotonic() + timeout_s
+        while not self.store.check([key]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no rank set {key!r} within {timeout_s}s")
+            time.sleep(0.02)
+
+    def results(self, ranks: list[int] | None = None, timeout_s: float = 120.0) -> dict[int, Any]:
+        """Results of ``ranks`` (default all); raises with the traceback of a rank that failed."""
+        wanted = set(range(self.world_size) if ranks is None else ranks)
+        collected: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while wanted - collected.keys():
+            try:
+                rank, ok, value = pickle.loads(
+                    self._results.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                raise TimeoutError(f"ranks {sorted(wanted - collected.keys())} gave no result "
+                                   f"within {timeout_s}s") from None
+            if not ok and rank in wanted:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            collected[rank] = value
+        return {r: collected[r] for r in sorted(wanted)}
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    def __enter__(self) -> RankGroup:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _without_store(rank, world_size, store_address, fn, *args):
+    return fn(rank, world_size, *args)
 
 
 def run_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, results))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    collected: dict[int, Any] = {}
-    try:
-        for _ in range(world_size):
-            rank, ok, value = results.get(timeout=timeout_s)
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [collected[r] for r in range(world_size)]
+    with RankGroup(_without_store, world_size, fn, *args) as group:
+        results = group.results(timeout_s=timeout_s)
+    return [results[r] for r in range(world_size)]

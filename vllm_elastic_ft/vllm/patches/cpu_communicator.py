@@ -6,7 +6,8 @@ forward with ``--data-parallel-size > 1``: ``AgRsAll2AllManager`` (the only
 all2all manager on CPU) dispatches with ``all_gatherv`` and combines with
 ``reduce_scatterv`` on the DP group. These patches add both to ``CpuCommunicator``
 (only that class: GPU communicators keep their own), implemented over gloo in
-:mod:`vllm_elastic_ft.comm.cpu_collectives`.
+:mod:`vllm_elastic_ft.comm.cpu_collectives`, each under the worker's rank
+watchdog (a deadline, a bounded wait, a FaultReport naming a failed rank).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from vllm_elastic_ft.comm import cpu_collectives
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
+from vllm_elastic_ft.vllm.worker_watchdog import process_watchdog
+from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 
 _MODULE = "vllm.distributed.device_communicators.cpu_communicator"
 
@@ -26,7 +29,7 @@ ALL_GATHERV = PatchSpec(
     why="CpuCommunicator inherits a NotImplementedError all_gatherv, so MoE with "
     "DP>1 dies at its first dispatch on CPU.",
     how="Pad every rank's rows to the largest count, pack all tensors of the call "
-    "into one byte matrix, one gloo all_gather, trim.",
+    "into one byte matrix, one gloo all_gather, trim; under the rank watchdog.",
     upstream="vllm-project/vllm#57837 (CPU wide-EP)",
     remove_when="vLLM's CpuCommunicator implements all_gatherv.",
     params=("self", "input_", "dim", "sizes"),
@@ -37,7 +40,7 @@ REDUCE_SCATTERV = PatchSpec(
     why="CpuCommunicator inherits a NotImplementedError reduce_scatterv, so MoE "
     "with DP>1 dies at its first combine on CPU; gloo has no reduce-scatter.",
     how="gloo all_to_all_single of each rank's rows + local sum (or all_reduce + "
-    "slice with cpu_dispatch='allgather').",
+    "slice with cpu_dispatch='allgather'); under the rank watchdog.",
     upstream="vllm-project/vllm#57837 (CPU wide-EP)",
     remove_when="vLLM's CpuCommunicator implements reduce_scatterv.",
     params=("self", "input_", "dim", "sizes"),
@@ -63,7 +66,11 @@ def _make_all_gatherv(original: Callable[..., Any]) -> Callable[..., Any]:
         _check_dim(dim, "all_gatherv")
         tensors = [input_] if isinstance(input_, torch.Tensor) else list(input_)
         sizes = _sizes_or_equal(sizes, tensors[0].shape[0], self.world_size)
-        gathered = cpu_collectives.all_gatherv(tensors, sizes, self.device_group)
+        watchdog = process_watchdog(self.device_group)
+        if watchdog is None:
+            gathered = cpu_collectives.all_gatherv(tensors, sizes, self.device_group)
+        else:
+            gathered = guarded_dispatch(watchdog, tensors, sizes, self.device_group)
         return gathered[0] if isinstance(input_, torch.Tensor) else gathered
 
     return all_gatherv
@@ -77,9 +84,12 @@ def _make_reduce_scatterv(original: Callable[..., Any]) -> Callable[..., Any]:
         _check_dim(dim, "reduce_scatterv")
         if sizes is None:
             sizes = [input_.shape[0] // self.world_size] * self.world_size
-        return cpu_collectives.reduce_scatterv(
-            input_, sizes, self.device_group, config.cpu_dispatch
-        )
+        watchdog = process_watchdog(self.device_group)
+        if watchdog is None:
+            return cpu_collectives.reduce_scatterv(
+                input_, sizes, self.device_group, config.cpu_dispatch
+            )
+        return guarded_combine(watchdog, input_, sizes, self.device_group, config.cpu_dispatch)
 
     return reduce_scatterv
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.watchdog_store import host_store
 
 logger = get_logger(__name__)
 
@@ -45,7 +46,7 @@ CREATE_ENGINE_CONFIG = PatchSpec(
     target=f"{_MODULE}:EngineArgs.create_engine_config",
     why="additional_config is an opaque dict: vLLM never validates a plugin's keys.",
     how="Validate additional_config['elastic_ft'] first; a bad key stops start-up "
-    "before any model loads.",
+    "before any model loads. With DP>1, host the watchdog store before engines spawn.",
     upstream="none",
     remove_when="never (plugin-owned validation).",
     params=("self",),
@@ -120,7 +121,12 @@ def _make_create_engine_config(original: Callable[..., Any]) -> Callable[..., An
     def create_engine_config(self, *args, **kwargs):
         config = ElasticFTConfig.from_additional_config(self.additional_config)
         logger.info("vllm-elastic-ft config: %s", config.to_json())
-        return original(self, *args, **kwargs)
+        engine_config = original(self, *args, **kwargs)
+        # Engine processes are spawned after this: host the watchdog store now
+        # so that they inherit its address.
+        if engine_config.parallel_config.data_parallel_size > 1:
+            host_store(config)
+        return engine_config
 
     return create_engine_config
 

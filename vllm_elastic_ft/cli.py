@@ -1,0 +1,133 @@
+"""``vllm-elastic-ft``: the project's command line.
+
+Verbs:
+  build-model   write (or find) the tiny random-weight MoE checkpoint; print its path
+  serve         run vLLM's OpenAI server with the plugin (tiny MoE by default)
+  fault         inject a fault into one rank of a running server (kill, stop, cont, slow)
+  demo          the main job: serve a DP+EP deployment, drive load, kill a rank's
+                worker, and show the watchdog's fault report (timeline + JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vllm_elastic_ft import faults
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from vllm_elastic_ft.testing.tiny_moe import ARCHITECTURES
+
+    g = p.add_argument_group("tiny MoE checkpoint")
+    g.add_argument("--architecture", default="qwen3_moe", choices=ARCHITECTURES)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--experts", type=int, default=8)
+    g.add_argument("--top-k", type=int, default=2)
+
+
+def _tiny_model(args: argparse.Namespace) -> str:
+    from vllm_elastic_ft.testing.tiny_moe import TinyMoESpec, build_tiny_moe
+
+    spec = TinyMoESpec(architecture=args.architecture, num_layers=args.layers,
+                       hidden_size=args.hidden, num_experts=args.experts, top_k=args.top_k)
+    return str(build_tiny_moe(spec))
+
+
+def cmd_build_model(args: argparse.Namespace) -> int:
+    print(_tiny_model(args))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vllm_elastic_ft.testing.server import ServerSpec
+
+    model = args.model or _tiny_model(args)
+    spec = ServerSpec(model, data_parallel_size=args.dp, expert_parallel=args.ep,
+                      plugin=not args.stock, extra_args=args.vllm_args)
+    argv = spec.argv(args.port)
+    print("+", " ".join(argv), flush=True)
+    os.execvpe(argv[0], argv, spec.environ())
+    return 0  # not reached
+
+
+def cmd_fault(args: argparse.Namespace) -> int:
+    if args.kind == "slow":
+        if not args.store:
+            raise SystemExit("fault slow: --store host:port is required (the server logs "
+                             "'watchdog store hosted at ...')")
+        faults.set_slow(faults.connect_store(args.store), args.group, args.rank, args.delay_s)
+        print(f"rank {args.rank}: {args.delay_s}s added to every dispatch/combine")
+        return 0
+    pid = args.pid or faults.rank_pid(args.server_pid, args.rank, args.role)
+    injection = faults.signal_process(args.kind, pid, args.rank)
+    print(f"{args.kind}: sent to pid {pid} ({args.role} of DP rank {args.rank}) at {injection.at:.3f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_elastic_ft.demo import run_demo
+
+    return run_demo(args, _tiny_model(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-elastic-ft", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("build-model", help="build the tiny MoE checkpoint, print its path")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_build_model)
+
+    p = verbs.add_parser("serve", help="vLLM OpenAI server with the plugin")
+    _add_model_args(p)
+    p.add_argument("--model", help="checkpoint (default: the tiny MoE)")
+    p.add_argument("--dp", type=int, default=2, help="data-parallel size")
+    p.add_argument("--ep", action=argparse.BooleanOptionalAction, default=True,
+                   help="--enable-expert-parallel")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--stock", action="store_true", help="without the plugin (stock vLLM)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                   help="more api_server arguments, after --")
+    p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("fault", help="inject a fault into one rank")
+    p.add_argument("kind", choices=faults.FAULT_KINDS)
+    p.add_argument("--rank", type=int, required=True, help="DP rank")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--server-pid", type=int, help="pid of the vLLM API server")
+    target.add_argument("--pid", type=int, help="signal this pid directly")
+    p.add_argument("--role", choices=faults.PROCESS_ROLES, default="worker",
+                   help="which process of the rank (kill/stop/cont)")
+    p.add_argument("--delay-s", type=float, default=0.5, help="slow: added delay per call")
+    p.add_argument("--store", help="slow: watchdog store host:port")
+    p.add_argument("--group", default="dp", help="slow: group name in the store")
+    p.set_defaults(func=cmd_fault)
+
+    p = verbs.add_parser("demo", help="the main job: DP+EP serving, a rank killed, the report")
+    _add_model_args(p)
+    p.add_argument("--dp", type=int, default=2)
+    p.add_argument("--fault", choices=("kill", "stop"), default="kill")
+    p.add_argument("--fault-rank", type=int, default=1)
+    p.add_argument("--role", choices=faults.PROCESS_ROLES, default="worker")
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--deadline-s", type=float, default=2.0)
+    p.add_argument("--out", default="runs/demo", help="folder for timeline.txt, result.json, plot")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "vllm_args", None) and args.vllm_args[0] == "--":
+        args.vllm_args = args.vllm_args[1:]
+    if args.verb == "fault" and args.kind != "slow" and not (args.pid or args.server_pid):
+        raise SystemExit("fault: give --server-pid (find the rank's process) or --pid")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The rank watchdog of a vLLM worker process (where dispatch and combine run).
+
+Built at the first guarded call, when the DP group exists: the group's name is
+``dp``, the rank is the worker's rank in the DP group, the store is the one
+the front end exported. Reports go to the default sink (a log line in the
+worker's log, and counters).
+"""
+
+from __future__ import annotations
+
+import atexit
+
+from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.vllm.process_config import process_config
+from vllm_elastic_ft.vllm.watchdog_store import store_address
+from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
+
+logger = get_logger(__name__)
+
+GROUP_NAME = "dp"
+
+_watchdog: RankWatchdog | None = None
+_disabled = False
+
+
+def process_watchdog(device_group) -> RankWatchdog | None:
+    """This worker's watchdog over ``device_group``, or None when it is off."""
+    global _watchdog, _disabled
+    if _watchdog is not None or _disabled:
+        return _watchdog
+    config = process_config()
+    address = store_address()
+    if not (config.enabled and config.watchdog) or address is None:
+        if config.enabled and config.watchdog:
+            logger.warning("vllm-elastic-ft: no watchdog store address in this process; "
+                           "dispatch/combine run without a watchdog")
+        _disabled = True
+        return None
+    import torch.distributed as dist
+
+    from vllm_elastic_ft.faults import connect_store
+
+    _watchdog = RankWatchdog(
+        WatchdogSettings.from_config(config), connect_store(address), GROUP_NAME,
+        dist.get_rank(device_group), dist.get_world_size(device_group),
+    )
+    atexit.register(_watchdog.shutdown)
+    return _watchdog

@@ -1,0 +1,272 @@
+"""RankWatchdog: a deadline around every dispatch/combine, heartbeats, and fault reports.
+
+One watchdog per rank process. Its hot path is :meth:`begin` / :meth:`end`
+around each guarded call: a sequence number and two atomic stores in the
+native monitor (see ``deadline_monitor``). Everything slow happens on one
+watcher thread, every ``heartbeat_interval_s``:
+
+1. publish this rank's :class:`RankStatus` under ``eft/<group>/e<epoch>/hb/<rank>``;
+2. read every peer's status and probe the peer processes on this host;
+3. turn queued triggers (a missed deadline, a failed collective) and the
+   liveness check into verdicts (``attribution.attribute``) and publish one
+   :class:`FaultReport` per fault to the sink (and to the store, for the
+   group controller).
+
+A dead or stopped peer is therefore named within about one heartbeat interval
+whether or not a collective is in flight; a live peer that falls behind is
+named when this rank's call misses its deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.watchdog import attribution
+from vllm_elastic_ft.watchdog.attribution import RankStatus, Verdict
+from vllm_elastic_ft.watchdog.deadline_monitor import PythonMonitor, make_monitor
+from vllm_elastic_ft.watchdog.report import FaultReport, FaultSink, LogAndCountSink
+
+logger = get_logger(__name__)
+
+#: Bounded wait of a call that has no deadline (warm-up): vLLM's gloo default.
+NO_DEADLINE_WAIT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    """The watchdog's share of ``ElasticFTConfig`` (same names, same units)."""
+
+    deadline_s: float = 5.0
+    warmup_calls: int = 200
+    warmup_deadline_s: float = 0.0  # 0: no deadline during warm-up
+    heartbeat_interval_s: float = 0.1
+    heartbeat_stale_s: float = 2.0
+    poll_interval_s: float = 0.005
+    prefer_native: bool = True
+
+    @classmethod
+    def from_config(cls, config) -> WatchdogSettings:
+        names = cls.__dataclass_fields__.keys() - {"poll_interval_s", "prefer_native"}
+        return cls(**{n: getattr(config, n) for n in names},
+                   prefer_native=getattr(config, "watchdog_native", True))
+
+
+def store_prefix(group: str, epoch: int) -> str:
+    return f"eft/{group}/e{epoch}"
+
+
+def slow_key(group: str, rank: int) -> str:
+    """Where fault injection puts an added per-call delay for ``rank`` (seconds)."""
+    return f"eft/{group}/inject/slow/{rank}"
+
+
+@dataclass
+class _Trigger:
+    kind: str  # "deadline" or "collective_error"
+    op: str | None
+    seq: int
+    peer_closed: bool
+    since: float  # time.monotonic() of the trigger
+
+
+class RankWatchdog:
+    """The watchdog of one rank of one group.
+
+    Args:
+        settings: deadlines and heartbeat timing.
+        store: a ``torch.distributed.Store`` every rank of the group reaches,
+            hosted outside the ranks (it must outlive any of them).
+        group: the group's name (part of every store key).
+        rank: this rank in the group.
+        world_size: ranks in the group.
+        epoch: the group epoch (part of every store key).
+        sink: where reports go (default: log line + counters).
+    """
+
+    def __init__(self, settings: WatchdogSettings, store, group: str, rank: int,
+                 world_size: int, epoch: int = 0, sink: FaultSink | None = None):
+        self.settings = settings
+        self.store = store
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = epoch
+        self.sink = sink or LogAndCountSink()
+        self.entered = 0
+        self.finished = 0
+        self.current_op: str | None = None
+        self.injected_delay_s = 0.0
+        self._host = attribution.this_host()
+        self._pid = attribution.this_pid()
+        self._triggers: queue.SimpleQueue[_Trigger] = queue.SimpleQueue()
+        self._pending: list[_Trigger] = []
+        self._reported: set[tuple] = set()
+        self._progress: dict[int, tuple[int, float]] = {}
+        self._stop = threading.Event()
+        self._monitor = make_monitor(1, settings.poll_interval_s, self._on_miss,
+                                     settings.prefer_native)
+        self._thread = threading.Thread(target=self._watch, name=f"elastic-ft-watchdog-r{rank}",
+                                        daemon=True)
+        self._thread.start()
+        logger.info("rank watchdog up: group=%s epoch=%d rank=%d/%d deadline=%.2fs "
+                    "warm-up=%d calls monitor=%s", group, epoch, rank, world_size,
+                    settings.deadline_s, settings.warmup_calls, self.monitor_backend)
+
+    @property
+    def monitor_backend(self) -> str:
+        """``native`` or ``python``: which deadline monitor this watchdog runs on."""
+        return "python" if isinstance(self._monitor, PythonMonitor) else "native"
+
+    # ------------------------------------------------------------- hot path
+    def begin(self, op: str) -> int:
+        """Enter a guarded call; returns its seq. Pair with :meth:`end`."""
+        seq = self.entered = self.entered + 1
+        self.current_op = op
+        timeout = self.deadline_for(seq)
+        if timeout:
+            self._monitor.arm(0, timeout, seq)
+        return seq
+
+    def end(self, seq: int) -> None:
+        self._monitor.disarm(0)
+        self.finished = seq
+        self.current_op = None
+
+    def deadline_for(self, seq: int) -> float:
+        """The deadline of call ``seq`` in seconds (0: none, warm-up)."""
+        if seq <= self.settings.warmup_calls:
+            return self.settings.warmup_deadline_s
+        return self.settings.deadline_s
+
+    def wait_timeout(self, seq: int) -> timedelta:
+        """How long the collective of call ``seq`` may block before it errors."""
+        return timedelta(seconds=self.deadline_for(seq) or NO_DEADLINE_WAIT_S)
+
+    def collective_failed(self, op: str, seq: int, error: BaseException) -> bool:
+        """Queue attribution of a failed call; returns whether a peer closed its connection."""
+        text = str(error).lower()
+        peer_closed = any(s in text for s in ("closed", "reset by peer", "broken pipe", "eof"))
+        self._triggers.put(_Trigger("collective_error", op, seq, peer_closed, time.monotonic()))
+        return peer_closed
+
+    def _on_miss(self, slot: int, seq: int, overdue_s: float) -> None:
+        # Runs on the monitor thread: enqueue only, never block.
+        self._triggers.put(_Trigger("deadline", self.current_op, seq, False, time.monotonic()))
+
+    # ------------------------------------------------------------- watcher
+    def _watch(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # a store hiccup must not kill the watchdog
+                logger.exception("rank %d: watchdog tick failed", self.rank)
+            try:
+                self._pending.append(self._triggers.get(timeout=interval))
+            except queue.Empty:
+                pass
+
+    def _tick(self) -> None:
+        prefix = store_prefix(self.group, self.epoch)
+        self.store.set(f"{prefix}/hb/{self.rank}", self._status().encode())
+        statuses = self._read_statuses(prefix)
+        now = time.time()
+        for rank, status in statuses.items():
+            seen = self._progress.get(rank)
+            if seen is None or seen[0] != status.finished:
+                self._progress[rank] = (status.finished, now)
+        self._read_injection()
+        probes = {r: attribution.local_probe(s, self._host) for r, s in statuses.items() if r != self.rank}
+        progress_t = {r: t for r, (_, t) in self._progress.items()}
+        common = dict(stale_s=self.settings.heartbeat_stale_s,
+                      hung_s=2 * self.settings.heartbeat_interval_s)
+        verdict = attribution.attribute(now, self.rank, statuses, probes, progress_t, **common)
+        if verdict is not None:
+            self._report(verdict, "liveness", None, None)
+        while True:
+            try:
+                self._pending.append(self._triggers.get_nowait())
+            except queue.Empty:
+                break
+        still_pending = []
+        for trig in self._pending:
+            verdict = self._attribute_trigger(trig, now, statuses, probes, progress_t, common)
+            if verdict is None:
+                still_pending.append(trig)
+            else:
+                self._report(verdict, trig.kind, trig.op, trig.seq)
+        self._pending = still_pending
+
+    def _attribute_trigger(self, trig: _Trigger, now: float, statuses, probes, progress_t,
+                           common: dict) -> Verdict | None:
+        """The verdict for a missed deadline or failed collective, or None to look again."""
+        dead_or_hung = attribution.attribute(now, self.rank, statuses, probes, progress_t,
+                                             peer_closed=trig.peer_closed, **common)
+        if dead_or_hung is not None:
+            return dead_or_hung
+        # A closed connection means a peer failed: wait for its heartbeat to go
+        # stale before falling back to "who is behind" (published seqs lag by up
+        # to one interval, so right after the error every peer looks behind).
+        # A timeout is a missed deadline: judge "who is behind" now, while the
+        # late rank still is.
+        waited = time.monotonic() - trig.since
+        if trig.peer_closed and waited < self.settings.heartbeat_stale_s:
+            return None
+        return attribution.attribute(
+            now, self.rank, statuses, probes, progress_t, peer_closed=trig.peer_closed,
+            waiting_seq=trig.seq, deadline_s=self.deadline_for(trig.seq) or None, **common)
+
+    def _status(self, state: str = "running") -> RankStatus:
+        return RankStatus(self.rank, self._pid, self._host, time.time(), self.entered,
+                          self.finished, state)
+
+    def _read_statuses(self, prefix: str) -> dict[int, RankStatus]:
+        keys = [f"{prefix}/hb/{r}" for r in range(self.world_size)]
+        present = [k for k in keys if self.store.check([k])]
+        values = self.store.multi_get(present) if present else []
+        return {s.rank: s for s in (RankStatus.decode(v) for v in values)}
+
+    def _read_injection(self) -> None:
+        key = slow_key(self.group, self.rank)
+        delay = float(self.store.get(key)) if self.store.check([key]) else 0.0
+        if delay != self.injected_delay_s:
+            logger.warning("rank %d: injected delay per guarded call now %.3fs", self.rank, delay)
+            self.injected_delay_s = delay
+
+    def _report(self, verdict: Verdict, trigger: str, op: str | None, seq: int | None) -> None:
+        # One report per fault: per suspect set and kind, and per missed call.
+        key = (verdict.suspects, verdict.kind) if trigger == "liveness" else (trigger, seq)
+        if key in self._reported or (verdict.suspects, verdict.kind) in self._reported:
+            return
+        self._reported.add(key)
+        self._reported.add((verdict.suspects, verdict.kind))
+        report = FaultReport(
+            group=self.group, epoch=self.epoch, reporter=self.rank, suspects=verdict.suspects,
+            kind=verdict.kind, trigger=trigger, reason=verdict.reason, detected_at=time.time(),
+            op=op, seq=seq, evidence={str(k): v for k, v in verdict.evidence.items()},
+        )
+        self.sink.publish(report)
+        try:
+            self.store.set(f"{store_prefix(self.group, self.epoch)}/fault/{self.rank}", report.to_json())
+        except Exception:
+            logger.exception("rank %d: could not store the fault report", self.rank)
+
+    # ------------------------------------------------------------- life
+    def shutdown(self, clean: bool = True) -> None:
+        """Stop the watcher and the monitor; ``clean`` tells peers this rank left on purpose."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._monitor.stop()
+        if clean:
+            try:
+                self.store.set(f"{store_prefix(self.group, self.epoch)}/hb/{self.rank}",
+                               self._status("left").encode())
+            except Exception:
+                pass
