@@ -1,16 +1,22 @@
-"""CPU wide-EP through real vLLM servers: DP+EP serves the same greedy tokens as DP=1.
+"""CPU wide-EP through real vLLM servers: DP+EP serves the same greedy tokens as DP=1,
+and the rank watchdog names a killed worker.
 
 Each server is a real ``vllm.entrypoints.openai.api_server`` with the plugin on
 the tiny float32 MoE. Start-ups dominate (tens of seconds each on 2 cores), so
-the DP=1 reference is taken once per session.
+the DP=1 reference is taken once per session and one DP=2 server serves both
+the correctness test and, last, the kill test.
 """
 
 import re
 import subprocess
-import sys
+import threading
+import time
 
 import pytest
 
+from vllm_elastic_ft import faults
+from vllm_elastic_ft.loadgen import run_load
+from vllm_elastic_ft.reports_in_logs import fault_reports
 from vllm_elastic_ft.testing.server import ServerSpec, VLLMServer
 
 pytestmark = pytest.mark.e2e
@@ -38,14 +44,7 @@ def reference_tokens(tiny_moe_path, tmp_path_factory) -> list[list[int]]:
         return _greedy(server)
 
 
-@pytest.mark.parametrize("dp", [2, 4])
-def test_dp_ep_matches_dp1_and_shards_experts(dp, tiny_moe_path, reference_tokens, tmp_path):
-    spec = ServerSpec(tiny_moe_path, data_parallel_size=dp, expert_parallel=True)
-    with VLLMServer(spec, tmp_path / "server.log") as server:
-        server.wait_ready()
-        assert _greedy(server) == reference_tokens
-        log = server.log_text()
-
+def _check_placement(log: str, dp: int) -> None:
     assert "NotImplementedError" not in log
     # Every rank holds and computes exactly its contiguous share of the 8 experts.
     placement = {
@@ -62,6 +61,58 @@ def test_dp_ep_matches_dp1_and_shards_experts(dp, tiny_moe_path, reference_token
     }
     # 128x128 (w13) + 128x64 (w2) parameters per local expert.
     assert {p for _, _, p in placement} == {per_rank * (128 * 128 + 128 * 64)}
+
+
+@pytest.fixture(scope="module")
+def dp2_server(tiny_moe_path, tmp_path_factory):
+    """One DP=2 EP server for the correctness test and then the kill test (which ends it)."""
+    spec = ServerSpec(tiny_moe_path, data_parallel_size=2, expert_parallel=True)
+    with VLLMServer(spec, tmp_path_factory.mktemp("dp2") / "server.log") as server:
+        server.wait_ready()
+        yield server
+
+
+def test_dp2_ep_matches_dp1_and_shards_experts(dp2_server, reference_tokens):
+    assert _greedy(dp2_server) == reference_tokens
+    _check_placement(dp2_server.log_text(), 2)
+
+
+def test_dp2_killed_worker_is_reported_by_the_survivor_within_1s(dp2_server):
+    """SIGKILL rank 1's worker under load: rank 0's watchdog names it dead in < 1 s."""
+    logs = dp2_server.log_text()
+    assert "rank watchdog up: group=dp epoch=0 rank=0/2" in logs
+    assert "rank watchdog up: group=dp epoch=0 rank=1/2" in logs
+    victim = faults.rank_pid(dp2_server.proc.pid, 1, "worker")
+    survivor = faults.rank_pid(dp2_server.proc.pid, 0, "worker")
+    load = threading.Thread(
+        target=run_load, args=(dp2_server.url, PROMPTS, 24, 4),
+        kwargs=dict(max_tokens=32, timeout_s=60, progress_every_s=None), daemon=True)
+    load.start()
+    time.sleep(1.0)  # traffic is flowing through dispatch/combine
+    injection = faults.signal_process("kill", victim, 1)
+    report = None
+    deadline = time.monotonic() + 15
+    while report is None and time.monotonic() < deadline:
+        found = [r for r in fault_reports(dp2_server.log_text()) if r["reporter"] == 0]
+        report = found[0] if found else None
+        time.sleep(0.1)
+    assert report is not None, dp2_server.log_tail(60)
+    assert report["suspects"] == [1] and report["kind"] == "dead"
+    assert report["group"] == "dp" and report["epoch"] == 0
+    assert report["detected_at"] - injection.at < 1.0, report
+    # The report is the survivor worker's own log line (the counter rides in "#1").
+    line = next(l for l in dp2_server.log_text().splitlines() if "FaultReport #1" in l)
+    assert f"pid={survivor})" in line and "Worker_DP0" in line
+    load.join(timeout=90)
+
+
+def test_dp4_ep_matches_dp1_and_shards_experts(tiny_moe_path, reference_tokens, tmp_path):
+    spec = ServerSpec(tiny_moe_path, data_parallel_size=4, expert_parallel=True)
+    with VLLMServer(spec, tmp_path / "server.log") as server:
+        server.wait_ready()
+        assert _greedy(server) == reference_tokens
+        log = server.log_text()
+    _check_placement(log, 4)
 
 
 def test_bad_config_key_stops_startup_before_model_load(tiny_moe_path):

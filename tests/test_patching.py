@@ -23,6 +23,8 @@ def test_every_patch_module_is_registered_and_documented():
         assert module.SPECS, module.__name__
         for spec in module.SPECS:
             assert spec.why and spec.how and spec.upstream and spec.remove_when
+            if not spec.available():
+                continue  # e.g. deep_ep on a CPU machine: resolved on GPU only
             # The target exists in the installed vLLM and takes the parameters we rely on.
             owner, name = spec.owner_and_name
             original = inspect.getattr_static(owner, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,6 +39,8 @@ class PatchSpec:
         remove_when: the condition under which the patch can be deleted.
         params: parameter names the wrapper relies on (checked on the original).
         vllm_versions: vLLM releases the patch targets.
+        requires: a module the target's module imports that may be absent
+            (e.g. ``deep_ep`` on CPU); without it the patch is skipped.
     """
 
     target: str
@@ -47,6 +50,11 @@ class PatchSpec:
     remove_when: str
     params: tuple[str, ...] = ()
     vllm_versions: tuple[str, ...] = SUPPORTED_VLLM_VERSIONS
+    requires: str | None = None
+
+    def available(self) -> bool:
+        """Whether the optional module the target needs is importable here."""
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
     @property
     def owner_and_name(self) -> tuple[type, str]:
@@ -98,8 +106,11 @@ def apply_patch(
         version: the vLLM version to check against (tests pass one).
 
     Returns:
-        True if the patch was installed now, False if it already was.
+        True if the patch was installed now, False if it already was (or its
+        optional dependency is absent).
     """
+    if not spec.available():
+        return False
     check_vllm_version(spec, version)
     owner, name = spec.owner_and_name
     raw = inspect.getattr_static(owner, name)

@@ -23,8 +23,8 @@ _watchdog: RankWatchdog | None = None
 _disabled = False
 
 
-def process_watchdog(device_group) -> RankWatchdog | None:
-    """This worker's watchdog over ``device_group``, or None when it is off."""
+def process_watchdog(rank: int, world_size: int) -> RankWatchdog | None:
+    """This worker's watchdog (``rank`` of ``world_size`` in the DP group), or None when off."""
     global _watchdog, _disabled
     if _watchdog is not None or _disabled:
         return _watchdog
@@ -36,13 +36,10 @@ def process_watchdog(device_group) -> RankWatchdog | None:
                            "dispatch/combine run without a watchdog")
         _disabled = True
         return None
-    import torch.distributed as dist
-
     from vllm_elastic_ft.faults import connect_store
 
     _watchdog = RankWatchdog(
-        WatchdogSettings.from_config(config), connect_store(address), GROUP_NAME,
-        dist.get_rank(device_group), dist.get_world_size(device_group),
+        WatchdogSettings.from_config(config), connect_store(address), GROUP_NAME, rank, world_size,
     )
     atexit.register(_watchdog.shutdown)
     return _watchdog

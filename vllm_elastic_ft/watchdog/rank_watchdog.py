@@ -24,12 +24,13 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.watchdog import attribution
 from vllm_elastic_ft.watchdog.attribution import RankStatus, Verdict
 from vllm_elastic_ft.watchdog.deadline_monitor import PythonMonitor, make_monitor
-from vllm_elastic_ft.watchdog.report import FaultReport, FaultSink, LogAndCountSink
+from vllm_elastic_ft.watchdog.report import FaultKind, FaultReport, FaultSink, LogAndCountSink
 
 logger = get_logger(__name__)
 
@@ -101,6 +102,9 @@ class RankWatchdog:
         self.finished = 0
         self.current_op: str | None = None
         self.injected_delay_s = 0.0
+        #: Optional evidence source for a missed deadline: ranks a transport
+        #: itself marked as silent (DeepEP's low-latency mask buffer).
+        self.miss_suspects: Callable[[], list[int]] | None = None
         self._host = attribution.this_host()
         self._pid = attribution.this_pid()
         self._triggers: queue.SimpleQueue[_Trigger] = queue.SimpleQueue()
@@ -209,6 +213,11 @@ class RankWatchdog:
                                              peer_closed=trig.peer_closed, **common)
         if dead_or_hung is not None:
             return dead_or_hung
+        masked = self._masked_ranks() if trig.kind == "deadline" else []
+        if masked:
+            return Verdict(tuple(masked), FaultKind.HUNG,
+                           f"rank(s) {masked} marked silent by the transport's mask",
+                           {r: "masked by the transport (DeepEP low-latency mask)" for r in masked})
         # A closed connection means a peer failed: wait for its heartbeat to go
         # stale before falling back to "who is behind" (published seqs lag by up
         # to one interval, so right after the error every peer looks behind).
@@ -220,6 +229,15 @@ class RankWatchdog:
         return attribution.attribute(
             now, self.rank, statuses, probes, progress_t, peer_closed=trig.peer_closed,
             waiting_seq=trig.seq, deadline_s=self.deadline_for(trig.seq) or None, **common)
+
+    def _masked_ranks(self) -> list[int]:
+        if self.miss_suspects is None:
+            return []
+        try:
+            return [r for r in self.miss_suspects() if r != self.rank]
+        except Exception:
+            logger.exception("rank %d: reading the transport's mask failed", self.rank)
+            return []
 
     def _status(self, state: str = "running") -> RankStatus:
         return RankStatus(self.rank, self._pid, self._host, time.time(), self.entered,

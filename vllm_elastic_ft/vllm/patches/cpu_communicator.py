@@ -66,7 +66,7 @@ def _make_all_gatherv(original: Callable[..., Any]) -> Callable[..., Any]:
         _check_dim(dim, "all_gatherv")
         tensors = [input_] if isinstance(input_, torch.Tensor) else list(input_)
         sizes = _sizes_or_equal(sizes, tensors[0].shape[0], self.world_size)
-        watchdog = process_watchdog(self.device_group)
+        watchdog = process_watchdog(self.rank_in_group, self.world_size)
         if watchdog is None:
             gathered = cpu_collectives.all_gatherv(tensors, sizes, self.device_group)
         else:
@@ -84,7 +84,7 @@ def _make_reduce_scatterv(original: Callable[..., Any]) -> Callable[..., Any]:
         _check_dim(dim, "reduce_scatterv")
         if sizes is None:
             sizes = [input_.shape[0] // self.world_size] * self.world_size
-        watchdog = process_watchdog(self.device_group)
+        watchdog = process_watchdog(self.rank_in_group, self.world_size)
         if watchdog is None:
             return cpu_collectives.reduce_scatterv(
                 input_, sizes, self.device_group, config.cpu_dispatch
