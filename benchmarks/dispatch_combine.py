@@ -75,13 +75,18 @@ def _bench_rank(rank: int, world: int, store_address: str, cases: list[tuple[int
         timings: dict[str, list[float]] = {k: [] for k in
                                            ("dispatch", "dispatch_g", "combine", "combine_g", "a2a")}
         for i in range(iters + 3):  # 3 warm-up rounds, not recorded
-            sample = {
-                "dispatch": _timed(lambda: cpu_collectives.all_gatherv([x, w, ids], sizes, group)),
-                "dispatch_g": _timed(lambda: guarded_dispatch(watchdog, [x, w, ids], sizes, group)),
-                "combine": _timed(lambda: cpu_collectives.reduce_scatterv(partial, sizes, group)),
-                "combine_g": _timed(lambda: guarded_combine(watchdog, partial, sizes, group)),
-                "a2a": _timed(lambda: dist.all_to_all_single(a2a_out, a2a_in, group=group)),
+            calls = {
+                "dispatch": lambda: cpu_collectives.all_gatherv([x, w, ids], sizes, group),
+                "dispatch_g": lambda: guarded_dispatch(watchdog, [x, w, ids], sizes, group),
+                "combine": lambda: cpu_collectives.reduce_scatterv(partial, sizes, group),
+                "combine_g": lambda: guarded_combine(watchdog, partial, sizes, group),
+                "a2a": lambda: dist.all_to_all_single(a2a_out, a2a_in, group=group),
             }
+            # Alternate bare-first and guarded-first rounds: cache warmth from the
+            # previous call must not favour either side. Same order on every rank.
+            order = list(calls) if i % 2 == 0 else ["dispatch_g", "dispatch", "combine_g",
+                                                    "combine", "a2a"]
+            sample = {k: _timed(calls[k]) for k in order}
             if i >= 3:
                 for k, v in sample.items():
                     timings[k].append(v)
