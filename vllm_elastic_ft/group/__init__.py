@@ -1,0 +1,1 @@
+"""The DP group's failure handling: state machine, epoch fencing, controller, hooks."""
