@@ -123,3 +123,11 @@ def test_a_failing_hook_does_not_stop_the_controller():
 
     c = GroupController("g", 4, OPTS, Broken())
     assert c.fault({"epoch": 0, "suspects": [1], "kind": "dead"}).state is S.FENCED
+
+
+def test_peer_fence_moves_to_its_epoch_once():
+    from vllm_elastic_ft.group.state_machine import PeerFenced
+
+    v = step(1.0, _view(), PeerFenced(2, (3,)), OPTS)
+    assert v.state is S.FENCED and v.epoch == 2 and v.live_ranks == (0, 1, 2)
+    assert step(1.1, v, PeerFenced(2), OPTS) is v

@@ -38,8 +38,10 @@ REDUCE_SCATTER_MODES = ("all_to_all", "allgather")
 
 
 def _finish(work, timeout: timedelta | None) -> None:
-    """Wait for an async collective, at most ``timeout`` (None: it already ran)."""
-    if work is not None:
+    """Wait for a collective, at most ``timeout`` (None: as long as the group's own timeout)."""
+    if timeout is None:
+        work.wait()
+    else:
         work.wait(timeout)
 
 
@@ -67,8 +69,9 @@ def all_gatherv(
     Returns:
         One tensor per input, ``[sum(sizes), *trailing]``, same dtype.
     """
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
+    # The group's own methods: they work for registered groups and for the
+    # stateless, epoch-scoped ones the rebuild creates alike.
+    world, rank = group.size(), group.rank()
     if len(sizes) != world:
         raise ValueError(f"sizes has {len(sizes)} entries for a group of {world}")
     num_rows = tensors[0].shape[0]
@@ -84,8 +87,10 @@ def all_gatherv(
     if num_rows:
         torch.cat(byte_rows, dim=1, out=packed[:num_rows])
     gathered = torch.empty((world * max_rows, packed.shape[1]), dtype=torch.uint8)
-    work = dist.all_gather_single(gathered, packed, group=group, async_op=timeout is not None)
-    _finish(work, timeout)
+    # ProcessGroup methods rather than torch.distributed wrappers: the wrappers
+    # accept only groups registered with the default group, not the stateless
+    # epoch-scoped groups a rebuild creates.
+    _finish(group._allgather_base(gathered, packed), timeout)
     # Drop each rank's padding, then cut the byte columns back into tensors.
     per_rank = gathered.view(world, max_rows, -1)
     rows = torch.cat([per_rank[r, : sizes[r]] for r in range(world)], dim=0)
@@ -116,8 +121,9 @@ def reduce_scatterv(
         ``[sizes[rank], *trailing]``: the element-wise sum over ranks of the rows
         that ``rank`` owns.
     """
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
+    # The group's own methods: they work for registered groups and for the
+    # stateless, epoch-scoped ones the rebuild creates alike.
+    world, rank = group.size(), group.rank()
     if len(sizes) != world or tensor.shape[0] != sum(sizes):
         raise ValueError(
             f"reduce_scatterv: tensor has {tensor.shape[0]} rows, sizes={list(sizes)} "
@@ -126,7 +132,7 @@ def reduce_scatterv(
     start = sum(sizes[:rank])
     if mode == "allgather":
         reduced = tensor.contiguous().clone()
-        _finish(dist.all_reduce(reduced, group=group, async_op=timeout is not None), timeout)
+        _finish(group.allreduce([reduced]), timeout)
         return reduced[start : start + sizes[rank]]
     if mode != "all_to_all":
         raise ValueError(f"mode must be one of {list(REDUCE_SCATTER_MODES)}, got {mode!r}")
@@ -134,13 +140,7 @@ def reduce_scatterv(
     received = torch.empty(
         (world * mine,) + tuple(tensor.shape[1:]), dtype=tensor.dtype
     )
-    work = dist.all_to_all_single(
-        received,
-        tensor.contiguous(),
-        output_split_sizes=[mine] * world,
-        input_split_sizes=list(sizes),
-        group=group,
-        async_op=timeout is not None,
-    )
+    work = group.alltoall_base(received, tensor.contiguous(), [mine] * world, list(sizes),
+                               dist.AllToAllOptions())
     _finish(work, timeout)
     return received.view((world, mine) + tuple(tensor.shape[1:])).sum(dim=0)

@@ -105,11 +105,20 @@ class JoinRequested:
 
 
 @dataclass(frozen=True)
+class PeerFenced:
+    """The store's epoch is ahead: another rank fenced the group first (or admitted us)."""
+
+    epoch: int
+    suspects: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Tick:
     pass
 
 
-Event = Union[Fault, RebuildStarted, RebuildDone, RebuildFailed, Served, JoinRequested, Tick]
+Event = Union[Fault, RebuildStarted, RebuildDone, RebuildFailed, Served, JoinRequested,
+              PeerFenced, Tick]
 
 
 def _moved(view: GroupView, now: float, state: GroupState, reason: str, **changes) -> GroupView:
@@ -165,6 +174,13 @@ def step(now: float, view: GroupView, event: Event, options: ControllerOptions) 
             return view  # admit it at the next healthy moment
         fenced = _fence(view, now, (), f"rank {event.rank} asks to join", options)
         return replace(fenced, live_ranks=tuple(sorted(set(fenced.live_ranks) | {event.rank})))
+    if isinstance(event, PeerFenced):
+        if event.epoch <= view.epoch:
+            return view
+        live = tuple(r for r in view.live_ranks if r not in event.suspects)
+        return _moved(view, now, GroupState.FENCED, f"fenced to epoch {event.epoch} by a peer",
+                      epoch=event.epoch, live_ranks=live, suspects=event.suspects,
+                      rebuild_started_at=None)
     if isinstance(event, RebuildStarted) and view.state is GroupState.FENCED and event.epoch == view.epoch:
         return _moved(view, now, GroupState.REBUILDING, f"rebuilding over ranks {list(view.live_ranks)}",
                       rebuild_started_at=now)

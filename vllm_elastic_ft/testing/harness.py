@@ -35,13 +35,14 @@ def free_port() -> int:
 def _rank_main(rank, world_size, port, fn, args, results) -> None:
     ok, value = True, None
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=60),
-        )
+        if port is not None:  # None: a late joiner, outside the initial default group
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=60),
+            )
         value = fn(rank, world_size, *args)
     except BaseException:  # report every failure, including SystemExit
         ok, value = False, traceback.format_exc()
@@ -63,7 +64,9 @@ class RankGroup:
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=30))
         self.store_address = f"127.0.0.1:{self.store.port}"
-        ctx = mp.get_context("spawn")
+        ctx = self._ctx = mp.get_context("spawn")
+        self._fn, self._args = fn, args
+        self._collected: dict[int, Any] = {}
         self._results = ctx.Queue()
         port = free_port()
         self.procs = [
@@ -73,6 +76,19 @@ class RankGroup:
         ]
         for p in self.procs:
             p.start()
+
+    def spawn(self, rank: int, fn: Callable[..., Any] | None = None, *args: Any) -> int:
+        """Start one more process as ``rank`` (a replacement), outside the default group.
+
+        It runs ``fn(rank, world_size, store_address, *args)`` (default: the group's
+        function and arguments); returns its pid. Its result comes through :meth:`results`.
+        """
+        fn, args = (fn, args) if fn is not None else (self._fn, self._args)
+        proc = self._ctx.Process(target=_rank_main, args=(
+            rank, self.world_size, None, fn, (self.store_address,) + args, self._results))
+        proc.start()
+        self.procs.append(proc)
+        return proc.pid
 
     @property
     def pids(self) -> list[int]:
@@ -89,7 +105,7 @@ class RankGroup:
     def results(self, ranks: list[int] | None = None, timeout_s: float = 120.0) -> dict[int, Any]:
         """Results of ``ranks`` (default all); raises with the traceback of a rank that failed."""
         wanted = set(range(self.world_size) if ranks is None else ranks)
-        collected: dict[int, Any] = {}
+        collected = self._collected
         deadline = time.monotonic() + timeout_s
         while wanted - collected.keys():
             try:
@@ -100,7 +116,7 @@ class RankGroup:
                                    f"within {timeout_s}s") from None
             if not ok and rank in wanted:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
+            collected.setdefault(rank, value)  # a replacement of a dead rank reports later
         return {r: collected[r] for r in sorted(wanted)}
 
     def close(self) -> None:

@@ -35,36 +35,67 @@ class MoELoopSpec:
 
 
 class MoELayer:
-    """One rank's share of an MoE layer: router (replicated) and local experts."""
+    """One rank's share of an MoE layer: router (replicated) and the experts it holds.
+
+    The full weights are the "checkpoint": drawn from a fixed seed, so any rank
+    can load any expert from it (what a rebuild does for orphaned experts).
+    """
 
     def __init__(self, spec: MoELoopSpec, rank: int, world: int):
+        self.spec = spec
+        per_rank = spec.experts // world
+        self.hold(range(rank * per_rank, (rank + 1) * per_rank))
+
+    def _checkpoint(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec = self.spec
         g = torch.Generator().manual_seed(1234)
-        self.router = torch.randn(spec.hidden, spec.experts, generator=g) * 0.1
+        router = torch.randn(spec.hidden, spec.experts, generator=g) * 0.1
         w13 = torch.randn(spec.experts, 2 * spec.inter, spec.hidden, generator=g) * 0.1
         w2 = torch.randn(spec.experts, spec.hidden, spec.inter, generator=g) * 0.1
-        per_rank = spec.experts // world
-        local = list(range(rank * per_rank, (rank + 1) * per_rank))
-        self.w13, self.w2 = w13[local], w2[local]
-        self.expert_map = torch.full((spec.experts,), -1, dtype=torch.int32)
-        self.expert_map[local] = torch.arange(len(local), dtype=torch.int32)
-        self.top_k = spec.top_k
+        return router, w13, w2
+
+    def hold(self, experts, computes=None) -> list[int]:
+        """Hold ``experts`` (loading them from the checkpoint) and compute ``computes``
+        (default: all held); returns the experts that were not held before."""
+        experts = sorted(experts)
+        before = set(getattr(self, "experts_held", ()))
+        self.router, w13, w2 = self._checkpoint()
+        self.w13, self.w2 = w13[experts], w2[experts]
+        self.experts_held = experts
+        computes = set(experts if computes is None else computes)
+        self.expert_map = torch.full((self.spec.experts,), -1, dtype=torch.int32)
+        for slot, expert in enumerate(experts):
+            if expert in computes:
+                self.expert_map[expert] = slot
+        return [e for e in experts if e not in before]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = torch.topk(torch.softmax(x @ self.router, dim=-1), self.top_k)
+        weights, ids = torch.topk(torch.softmax(x @ self.router, dim=-1), self.spec.top_k)
         return weights, ids.to(torch.int32)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        token, local, w = local_expert_pairs(ids, weights, self.expert_map)
-        out = torch.zeros_like(x)
-        for slot in range(self.w13.shape[0]):
-            pick = (local[:, 0] == slot).nonzero().flatten()
-            if pick.numel() == 0:
-                continue
-            h = x[token[pick]] @ self.w13[slot].T
-            gate, up = h.chunk(2, dim=-1)
-            y = (torch.nn.functional.silu(gate) * up) @ self.w2[slot].T
-            out.index_add_(0, token[pick], y * w[pick])
-        return out
+        return _expert_sum(x, weights, ids, self.expert_map, self.w13, self.w2)
+
+    def dense_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for ``x`` computed alone, with every expert."""
+        router, w13, w2 = self._checkpoint()
+        full_map = torch.arange(self.spec.experts, dtype=torch.int32)
+        weights, ids = self.route(x)
+        return _expert_sum(x, weights, ids, full_map, w13, w2)
+
+
+def _expert_sum(x, weights, ids, expert_map, w13, w2) -> torch.Tensor:
+    token, local, w = local_expert_pairs(ids, weights, expert_map)
+    out = torch.zeros_like(x)
+    for slot in range(w13.shape[0]):
+        pick = (local[:, 0] == slot).nonzero().flatten()
+        if pick.numel() == 0:
+            continue
+        h = x[token[pick]] @ w13[slot].T
+        gate, up = h.chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ w2[slot].T
+        out.index_add_(0, token[pick], y * w[pick])
+    return out
 
 
 def moe_step(layer: MoELayer, watchdog: RankWatchdog, x: torch.Tensor, sizes: list[int],

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
+from vllm_elastic_ft.group.fencing import FencedError, current_epoch
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.watchdog import attribution
 from vllm_elastic_ft.watchdog.attribution import RankStatus, Verdict
@@ -102,6 +103,9 @@ class RankWatchdog:
         self.finished = 0
         self.current_op: str | None = None
         self.injected_delay_s = 0.0
+        #: The group epoch last read from the store; ahead of ``epoch`` means
+        #: this rank is fenced out and must not communicate.
+        self.group_epoch = epoch
         #: Optional evidence source for a missed deadline: ranks a transport
         #: itself marked as silent (DeepEP's low-latency mask buffer).
         self.miss_suspects: Callable[[], list[int]] | None = None
@@ -112,6 +116,7 @@ class RankWatchdog:
         self._reported: set[tuple] = set()
         self._progress: dict[int, tuple[int, float]] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the watcher's tick against reconfigure()
         self._monitor = make_monitor(1, settings.poll_interval_s, self._on_miss,
                                      settings.prefer_native)
         self._thread = threading.Thread(target=self._watch, name=f"elastic-ft-watchdog-r{rank}",
@@ -128,7 +133,13 @@ class RankWatchdog:
 
     # ------------------------------------------------------------- hot path
     def begin(self, op: str) -> int:
-        """Enter a guarded call; returns its seq. Pair with :meth:`end`."""
+        """Enter a guarded call; returns its seq. Pair with :meth:`end`.
+
+        Raises:
+            FencedError: the group moved to a newer epoch than this rank's.
+        """
+        if self.group_epoch > self.epoch:
+            raise FencedError(self.group, self.rank, self.epoch, self.group_epoch)
         seq = self.entered = self.entered + 1
         self.current_op = op
         timeout = self.deadline_for(seq)
@@ -175,7 +186,25 @@ class RankWatchdog:
             except queue.Empty:
                 pass
 
+    def reconfigure(self, epoch: int, rank: int, world_size: int) -> None:
+        """Move to a rebuilt group: new epoch, this rank's new index, new width."""
+        with self._lock:
+            self.epoch, self.rank, self.world_size = epoch, rank, world_size
+            self.group_epoch = max(self.group_epoch, epoch)
+            self._progress.clear()
+            self._pending.clear()
+            self._reported.clear()
+        logger.info("rank watchdog: group=%s now epoch=%d rank=%d/%d", self.group, epoch, rank,
+                    world_size)
+
     def _tick(self) -> None:
+        with self._lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
+        self.group_epoch = max(self.group_epoch, current_epoch(self.store, self.group))
+        if self.group_epoch > self.epoch:
+            return  # fenced out: the old epoch's peers are no business of this rank
         prefix = store_prefix(self.group, self.epoch)
         self.store.set(f"{prefix}/hb/{self.rank}", self._status().encode())
         statuses = self._read_statuses(prefix)

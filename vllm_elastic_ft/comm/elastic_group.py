@@ -1,0 +1,44 @@
+"""A gloo process group that is rebuilt, not repaired: one communicator per epoch.
+
+The torchft contract: :meth:`ElasticProcessGroup.configure` always aborts the
+old communicator first (never a blocking destroy with a dead peer) and builds
+the new one under a fresh, epoch-scoped store prefix, so a rank left behind in
+an old epoch cannot reach the new communicator. The groups are stateless (not
+registered with ``torch.distributed``'s default group): ``cpu_collectives``
+calls their methods directly.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+class ElasticProcessGroup:
+    def __init__(self, store, timeout: timedelta = timedelta(seconds=60)):
+        self.store = store
+        self.timeout = timeout
+        self.pg: ProcessGroup | None = None
+        self.prefix: str | None = None
+
+    def configure(self, prefix: str, rank: int, world_size: int) -> ProcessGroup:
+        """Abort the current communicator; return a new one over ``world_size`` ranks."""
+        self.abort()
+        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self.store), rank, world_size,
+                                        self.timeout)
+        self.prefix = prefix
+        return self.pg
+
+    def abort(self) -> None:
+        """Drop the communicator without talking to its peers (returns in microseconds)."""
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            try:
+                pg.abort()
+            except Exception:  # already broken: nothing left to release
+                pass
+
+    def shutdown(self) -> None:
+        self.abort()
