@@ -75,6 +75,9 @@ def dp2_server(tiny_moe_path, tmp_path_factory):
 def test_dp2_ep_matches_dp1_and_shards_experts(dp2_server, reference_tokens):
     assert _greedy(dp2_server) == reference_tokens
     _check_placement(dp2_server.log_text(), 2)
+    status = dp2_server.get_json("/elastic_ft/status")
+    assert status["state"] == "HEALTHY" and status["epoch"] == 0 and status["live_ranks"] == [0, 1]
+    assert status["expert_placement"] == {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}
 
 
 def test_dp2_killed_worker_is_reported_by_the_survivor_within_1s(dp2_server):
@@ -90,16 +93,27 @@ def test_dp2_killed_worker_is_reported_by_the_survivor_within_1s(dp2_server):
     load.start()
     time.sleep(1.0)  # traffic is flowing through dispatch/combine
     injection = faults.signal_process("kill", victim, 1)
-    report = None
+    report, fenced_status, health_codes = None, None, set()
     deadline = time.monotonic() + 15
-    while report is None and time.monotonic() < deadline:
+    while (report is None or fenced_status is None) and time.monotonic() < deadline:
         found = [r for r in fault_reports(dp2_server.log_text()) if r["reporter"] == 0]
-        report = found[0] if found else None
-        time.sleep(0.1)
+        report = found[0] if found else report
+        try:
+            status = dp2_server.get_json("/elastic_ft/status", timeout_s=1)
+            if status["state"] == "FENCED":
+                fenced_status = status
+        except OSError:
+            pass  # the stock shutdown cascade (not yet replaced) may take the server down
+        health_codes.add(dp2_server.health())
+        time.sleep(0.05)
     assert report is not None, dp2_server.log_tail(60)
     assert report["suspects"] == [1] and report["kind"] == "dead"
     assert report["group"] == "dp" and report["epoch"] == 0
     assert report["detected_at"] - injection.at < 1.0, report
+    # The front end followed the group: fenced, epoch 1, rank 1 out, /health 503.
+    assert fenced_status is not None, "the API server never showed the group FENCED"
+    assert fenced_status["epoch"] == 1 and fenced_status["live_ranks"] == [0]
+    assert fenced_status["last_report"]["suspects"] == [1] and 503 in health_codes
     # The report is the survivor worker's own log line (the counter rides in "#1").
     line = next(l for l in dp2_server.log_text().splitlines() if "FaultReport #1" in l)
     assert f"pid={survivor})" in line and "Worker_DP0" in line

@@ -8,6 +8,7 @@ stopping it takes its engine-core and worker processes with it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -182,6 +183,11 @@ class VLLMServer:
             return err.code
         except (urllib.error.URLError, OSError):
             return None
+
+    def get_json(self, path: str, timeout_s: float = 5.0) -> dict:
+        """``GET path`` and its JSON body (raises on a non-2xx answer)."""
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
 
     def greedy_tokens(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0) -> list[int]:
         """Output token ids of one greedy ``/v1/completions`` call."""

@@ -32,7 +32,9 @@ class PatchSpec:
     """A registry entry: what one patch replaces, and why.
 
     Attributes:
-        target: ``module:Class.method`` of the vLLM symbol that is replaced.
+        target: ``module:Class.method`` of the vLLM symbol that is replaced
+            (``module:function`` only for a function that its module alone
+            calls, looked up at call time, so that no import by name escapes it).
         why: the behaviour of stock vLLM that the patch changes.
         how: what the replacement does.
         upstream: the upstream issue or PR that tracks the gap.
@@ -61,7 +63,7 @@ class PatchSpec:
         module_name, _, qualname = self.target.partition(":")
         cls_name, _, attr = qualname.rpartition(".")
         owner: Any = importlib.import_module(module_name)
-        for part in cls_name.split("."):
+        for part in filter(None, cls_name.split(".")):  # no class: a module function
             owner = getattr(owner, part)
         return owner, attr
 

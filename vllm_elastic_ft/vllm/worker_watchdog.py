@@ -43,3 +43,8 @@ def process_watchdog(rank: int, world_size: int) -> RankWatchdog | None:
     )
     atexit.register(_watchdog.shutdown)
     return _watchdog
+
+
+def current_watchdog() -> RankWatchdog | None:
+    """The watchdog if it exists already (never builds one)."""
+    return _watchdog

@@ -163,11 +163,38 @@ class RankWatchdog:
         return timedelta(seconds=self.deadline_for(seq) or NO_DEADLINE_WAIT_S)
 
     def collective_failed(self, op: str, seq: int, error: BaseException) -> bool:
-        """Queue attribution of a failed call; returns whether a peer closed its connection."""
+        """Attribute a failed call; returns whether a peer closed its connection.
+
+        A dead or stopped peer on this host is named right here, before the
+        error leaves the call (the process may not live long after it: stock
+        vLLM tears the deployment down on a worker error). Anything else is
+        queued for the watcher, which waits for heartbeats to settle.
+        """
         text = str(error).lower()
         peer_closed = any(s in text for s in ("closed", "reset by peer", "broken pipe", "eof"))
-        self._triggers.put(_Trigger("collective_error", op, seq, peer_closed, time.monotonic()))
+        trigger = _Trigger("collective_error", op, seq, peer_closed, time.monotonic())
+        if not self._attribute_now(trigger):
+            self._triggers.put(trigger)
         return peer_closed
+
+    def _attribute_now(self, trig: _Trigger, settle_s: float = 0.1) -> bool:
+        """Try, for up to ``settle_s``, to name a dead or hung peer now; report it."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            with self._lock:
+                statuses = self._read_statuses(store_prefix(self.group, self.epoch))
+                probes = {r: attribution.local_probe(s, self._host)
+                          for r, s in statuses.items() if r != self.rank}
+                verdict = attribution.attribute(
+                    time.time(), self.rank, statuses, probes, {},
+                    stale_s=self.settings.heartbeat_stale_s,
+                    hung_s=2 * self.settings.heartbeat_interval_s, peer_closed=trig.peer_closed)
+                if verdict is not None:
+                    self._report(verdict, trig.kind, trig.op, trig.seq)
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def _on_miss(self, slot: int, seq: int, overdue_s: float) -> None:
         # Runs on the monitor thread: enqueue only, never block.

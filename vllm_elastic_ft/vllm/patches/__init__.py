@@ -7,8 +7,8 @@ parsed (API server, Ray Serve replica); ``ENGINE`` patches where the model runs
 idempotent and cheap, and a process simply never calls the other side's code.
 """
 
-from vllm_elastic_ft.vllm.patches import cpu_communicator, cpu_experts, deepep, engine_args
+from vllm_elastic_ft.vllm.patches import cpu_communicator, cpu_experts, deepep, dp_sync, engine_args
 
 FRONTEND = (engine_args,)
-ENGINE = (cpu_communicator, cpu_experts, deepep)
+ENGINE = (cpu_communicator, cpu_experts, deepep, dp_sync)
 ALL = FRONTEND + ENGINE

@@ -1,0 +1,67 @@
+"""Follow a DP group's faults and rebuilds from the store, into a GroupController.
+
+The front end (API server) does not run collectives; it learns what happens
+to its group from what the ranks write into the watchdog store: FaultReports
+under ``eft/<g>/e<epoch>/fault/<rank>``, the epoch under ``eft/<g>/epoch``
+and an agreed membership under ``eft/<g>/e<epoch>/members``. One thread polls
+them every ``poll_s`` and feeds its controller, whose view is what
+``/elastic_ft/status``, ``/health`` and ``/metrics`` show.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from vllm_elastic_ft.group.controller import GroupController
+from vllm_elastic_ft.group.fencing import current_epoch
+from vllm_elastic_ft.group.state_machine import PeerFenced, RebuildDone, RebuildStarted, Tick
+from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.watchdog.rank_watchdog import store_prefix
+
+logger = get_logger(__name__)
+
+
+class StoreFollower:
+    def __init__(self, store, controller: GroupController, poll_s: float = 0.1):
+        self.store = store
+        self.controller = controller
+        self.poll_s = poll_s
+        self._seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="elastic-ft-follower", daemon=True)
+
+    def start(self) -> StoreFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.poll()
+            except Exception:  # a store hiccup must not end the follower
+                logger.exception("group %s: following the store failed", self.controller.view.group)
+
+    def poll(self) -> None:
+        """One look at the store (also called directly by tests)."""
+        view = self.controller.view
+        group = view.group
+        for key in [f"{store_prefix(group, view.epoch)}/fault/{r}" for r in range(view.world_size)]:
+            if key in self._seen or not self.store.check([key]):
+                continue
+            self._seen.add(key)
+            self.controller.fault(json.loads(self.store.get(key)))
+        epoch = current_epoch(self.store, group)
+        if epoch > self.controller.view.epoch:
+            self.controller.handle(PeerFenced(epoch))
+        members_key = f"{store_prefix(group, self.controller.view.epoch)}/members"
+        if self.controller.view.epoch > 0 and self.store.check([members_key]):
+            members = tuple(json.loads(self.store.get(members_key))["members"])
+            self.controller.handle(RebuildStarted(self.controller.view.epoch))
+            self.controller.handle(RebuildDone(self.controller.view.epoch, members))
+        self.controller.handle(Tick())

@@ -1,0 +1,176 @@
+"""What a load balancer and an operator read: ``/elastic_ft/status``, ``/health``, ``/metrics``.
+
+A ``vllm.endpoint_plugins`` entry point (vLLM 0.32's own hook for plugin
+routes; it loads when ``VLLM_PLUGINS`` names ``elastic_ft``). In the API
+server it follows the DP group through the watchdog store
+(``group/store_follower.py``) and:
+
+* ``GET /elastic_ft/status``: state, epoch, live ranks, expert placement
+  summary, last FaultReport, settings;
+* ``GET /health``: 503 while the group is not serving (FENCED, REBUILDING,
+  FAILED), otherwise vLLM's own check (200, or 503 on a dead engine) — stock
+  ``/health`` says 200 for a group that is fenced;
+* ``/metrics``: ``elastic_ft_*`` gauges, counters and histograms beside vLLM's.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+# Module level: FastAPI resolves the (postponed) annotations of route handlers
+# in this module's globals.
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from vllm_elastic_ft.config import ElasticFTConfig
+from vllm_elastic_ft.group.controller import GroupController
+from vllm_elastic_ft.group.hooks import LoggingHook
+from vllm_elastic_ft.group.state_machine import ControllerOptions, GroupState, GroupView
+from vllm_elastic_ft.group.store_follower import StoreFollower
+from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.placement.solver import contiguous
+
+logger = get_logger(__name__)
+
+GROUP_NAME = "dp"
+
+
+class GroupMetrics:
+    """Prometheus series of one group, fed by controller transitions (a hook)."""
+
+    def __init__(self, registry=None):
+        import prometheus_client as prom
+
+        kw = {"registry": registry} if registry is not None else {}
+        self.state = prom.Gauge("elastic_ft_group_state", "1 for the group's current state",
+                                ["group", "state"], **kw)
+        self.epoch = prom.Gauge("elastic_ft_group_epoch", "The group's epoch (fencing token)",
+                                ["group"], **kw)
+        self.live = prom.Gauge("elastic_ft_live_ranks", "Live ranks of the group", ["group"], **kw)
+        self.faults = prom.Counter("elastic_ft_faults", "Faults that fenced the group",
+                                   ["group", "kind"], **kw)
+        self.recoveries = prom.Counter("elastic_ft_recoveries", "In-engine rebuilds completed",
+                                       ["group"], **kw)
+        self.detection = prom.Histogram("elastic_ft_detection_seconds",
+                                        "FaultReport to fence, as seen by the front end",
+                                        ["group"], **kw)
+        self.recovery = prom.Histogram("elastic_ft_recovery_seconds", "Fence to READY",
+                                       ["group"], **kw)
+
+    def show(self, view: GroupView) -> None:
+        for state in GroupState:
+            self.state.labels(view.group, state.value).set(1 if view.state is state else 0)
+        self.epoch.labels(view.group).set(view.epoch)
+        self.live.labels(view.group).set(len(view.live_ranks))
+
+
+class MetricsHook(LoggingHook):
+    """The orchestration hook of the front end: log, and count."""
+
+    def __init__(self, metrics: GroupMetrics):
+        self.metrics = metrics
+        self._fenced_at: float | None = None
+
+    def on_fenced(self, view: GroupView, report: dict | None) -> None:
+        super().on_fenced(view, report)
+        self.metrics.show(view)
+        self.metrics.faults.labels(view.group, report["kind"] if report else "peer").inc()
+        if report and "detected_at" in report:
+            self.metrics.detection.labels(view.group).observe(max(0.0, view.since - report["detected_at"]))
+        self._fenced_at = view.since
+
+    def on_ready(self, view: GroupView) -> None:
+        super().on_ready(view)
+        self.metrics.show(view)
+        self.metrics.recoveries.labels(view.group).inc()
+        if self._fenced_at is not None:
+            self.metrics.recovery.labels(view.group).observe(view.since - self._fenced_at)
+
+    def on_failed(self, view: GroupView, reason: str) -> None:
+        super().on_failed(view, reason)
+        self.metrics.show(view)
+
+
+class FrontEndGroup:
+    """The front end's view of its DP group: controller, follower, metrics."""
+
+    def __init__(self, store, world_size: int, num_experts: int | None, config: ElasticFTConfig,
+                 registry=None, poll_s: float = 0.05):
+        self.config = config
+        self.num_experts = num_experts
+        self.metrics = GroupMetrics(registry)
+        self.controller = GroupController(GROUP_NAME, world_size, ControllerOptions(),
+                                          hook=MetricsHook(self.metrics))
+        self.metrics.show(self.controller.view)
+        self.follower = StoreFollower(store, self.controller, poll_s) if store is not None else None
+
+    def status(self) -> dict[str, Any]:
+        status = self.controller.status()
+        if self.num_experts:
+            placement = contiguous(self.num_experts, list(self.controller.view.live_ranks)) \
+                if self.controller.view.epoch == 0 else None
+            status["expert_placement"] = (
+                {str(r): list(e) for r, e in placement.items()} if placement else "see epoch members")
+        status["watchdog"] = {"deadline_s": self.config.deadline_s,
+                              "heartbeat_interval_s": self.config.heartbeat_interval_s,
+                              "store": bool(self.follower)}
+        status["events"] = self.controller.events[-20:]
+        return status
+
+
+class ElasticFTEndpoints:
+    """The ``vllm.endpoint_plugins`` factory (instantiated once per API server)."""
+
+    name = "elastic_ft"
+    required_tasks = None
+
+    def attach_router(self, app) -> None:
+        router = APIRouter()
+
+        @router.get("/elastic_ft/status")
+        async def elastic_ft_status(request: Request) -> JSONResponse:
+            group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
+            if group is None:
+                return JSONResponse({"state": "DISABLED", "reason": "no DP group to follow"})
+            return JSONResponse(group.status())
+
+        @router.get("/health", response_class=Response)
+        async def health(request: Request) -> Response:
+            group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
+            if group is not None and not group.controller.view.serving:
+                return Response(status_code=503, headers={"X-Elastic-FT-State":
+                                                          group.controller.view.state.value})
+            client = getattr(request.app.state, "engine_client", None)
+            if client is None:
+                return Response(status_code=200)
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            try:
+                await client.check_health()
+            except EngineDeadError:
+                return Response(status_code=503)
+            return Response(status_code=200)
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args: Namespace) -> None:
+        if engine_client is None:
+            return
+        vllm_config = engine_client.vllm_config
+        config = ElasticFTConfig.from_additional_config(vllm_config.additional_config)
+        world = vllm_config.parallel_config.data_parallel_size
+        if not (config.enabled and config.watchdog) or world < 2:
+            return
+        from vllm_elastic_ft.faults import connect_store
+        from vllm_elastic_ft.vllm.watchdog_store import store_address
+
+        address = store_address()
+        store = connect_store(address) if address else None
+        hf = vllm_config.model_config.hf_config
+        experts = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+        state.elastic_ft = FrontEndGroup(store, world, experts, config)
+        if state.elastic_ft.follower is not None:
+            state.elastic_ft.follower.start()
+        logger.info("vllm-elastic-ft: following DP group %s (%d ranks) through %s",
+                    GROUP_NAME, world, address)

@@ -1,0 +1,54 @@
+"""Put the per-step DP batch synchronisation under the rank watchdog too.
+
+Before every forward, each DP worker all-reduces its batch size over the DP
+group (``vllm.v1.worker.dp_utils._run_ar``, vLLM 0.32.0). It is the first
+collective of a step, so it is often the one that meets a dead peer first, and
+on a hung peer it blocks for gloo's full timeout. Guarding it gives the same
+deadline, the same heartbeat sequence numbers and the same FaultReport as the
+MoE dispatch and combine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.process_config import process_config
+from vllm_elastic_ft.vllm.worker_watchdog import current_watchdog
+
+RUN_AR = PatchSpec(
+    target="vllm.v1.worker.dp_utils:_run_ar",
+    why="The per-step DP all-reduce has no deadline: a dead peer errors without a named "
+    "culprit, a hung one blocks for gloo's timeout (1800 s).",
+    how="Run it between watchdog begin/end (deadline, heartbeat seq); on an error, "
+    "attribute and report before re-raising. A module function: only dp_utils calls it, "
+    "through its module globals.",
+    upstream="vllm-project/vllm#39863 (/health 200 while a rank is dead), #30112",
+    remove_when="vLLM's DP synchronisation takes a timeout and a fault hook.",
+    params=("should_ubatch", "orig_num_tokens_per_ubatch", "parallel_config"),
+)
+
+SPECS = (RUN_AR,)
+
+
+def _make_run_ar(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _run_ar(*args: Any, **kwargs: Any):
+        # The MoE patches create the watchdog (they know the group); until the
+        # first dispatch there is none and the sync runs as stock.
+        watchdog = current_watchdog() if process_config().enabled else None
+        if watchdog is None:
+            return original(*args, **kwargs)
+        seq = watchdog.begin("dp_sync")
+        try:
+            return original(*args, **kwargs)
+        except RuntimeError as err:
+            watchdog.collective_failed("dp_sync", seq, err)
+            raise
+        finally:
+            watchdog.end(seq)
+
+    return _run_ar
+
+
+def apply() -> None:
+    apply_patch(RUN_AR, _make_run_ar)
