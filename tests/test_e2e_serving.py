@@ -65,8 +65,15 @@ def _check_placement(log: str, dp: int) -> None:
 
 @pytest.fixture(scope="module")
 def dp2_server(tiny_moe_path, tmp_path_factory):
-    """One DP=2 EP server for the correctness test and then the kill test (which ends it)."""
-    spec = ServerSpec(tiny_moe_path, data_parallel_size=2, expert_parallel=True)
+    """One DP=2 EP server for the correctness test and then the kill test (which ends it).
+
+    VLLM_KEEP_ALIVE_ON_ENGINE_DEATH keeps the API server up after stock vLLM's
+    engine shutdown cascade (which the plugin does not replace yet), so that what
+    the front end shows about the group can be read after the kill.
+    """
+    spec = ServerSpec(tiny_moe_path, data_parallel_size=2, expert_parallel=True,
+                      extra_args=["--elastic-ft-heartbeat-interval-s", "0.05"],
+                      env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
     with VLLMServer(spec, tmp_path_factory.mktemp("dp2") / "server.log") as server:
         server.wait_ready()
         yield server
@@ -103,7 +110,7 @@ def test_dp2_killed_worker_is_reported_by_the_survivor_within_1s(dp2_server):
             if status["state"] == "FENCED":
                 fenced_status = status
         except OSError:
-            pass  # the stock shutdown cascade (not yet replaced) may take the server down
+            pass
         health_codes.add(dp2_server.health())
         time.sleep(0.05)
     assert report is not None, dp2_server.log_tail(60)

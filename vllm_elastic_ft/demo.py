@@ -3,9 +3,10 @@
 Starts ``vllm-elastic-ft serve`` (DP=2, EP on, tiny MoE, plugin on), drives a
 bounded closed-loop load, kills (or stops) one rank's worker in the middle of
 it, and shows what happened: the watchdog's FaultReport (who, what, how fast)
-and what the requests saw. Group fencing and in-engine recovery are not built
-yet, so after the report stock vLLM still shuts the deployment down and the
-requests in flight fail: the demo says so in its numbers.
+what the API server showed (``/elastic_ft/status``, ``/health``) and what the
+requests saw. In-engine recovery is not wired into vLLM yet, so after the
+report stock vLLM still shuts the deployment down and the requests in flight
+fail: the demo says so in its numbers.
 
 Writes ``timeline.txt``, ``result.json`` and ``timeline.png`` into ``--out``.
 """
@@ -35,6 +36,21 @@ def _wait_for_report(server: VLLMServer, suspect: int, timeout_s: float) -> dict
                 return report
         time.sleep(0.1)
     return None
+
+
+def _follow_status(server: VLLMServer, events: list[tuple[float, str]], stop: threading.Event) -> None:
+    """Record every change of the group state the API server shows, and of /health."""
+    last_state, last_health = None, None
+    while not stop.is_set():
+        try:
+            state = server.get_json("/elastic_ft/status", timeout_s=1)["state"]
+        except (OSError, ValueError, KeyError):
+            state = "unreachable"
+        health = server.health()
+        if state != last_state or health != last_health:
+            events.append((time.time(), f"API server: group {state}, /health {health}"))
+            last_state, last_health = state, health
+        stop.wait(0.05)
 
 
 def _plot(path: Path, t0: float, t0_mono: float, records: list[RequestRecord],
@@ -88,9 +104,15 @@ def run_demo(args: argparse.Namespace, model: str) -> int:
                 print(f"[demo] {args.fault} -> {args.role} of DP rank {args.fault_rank} (pid {pid})")
 
         t0, t0_mono = time.time(), time.monotonic()
+        stop_following = threading.Event()
+        follower = threading.Thread(target=_follow_status, args=(server, events, stop_following),
+                                    daemon=True)
+        follower.start()
         load = run_load(server.url, PROMPTS, args.requests, args.concurrency, max_tokens=32,
                         timeout_s=120, on_record=on_record, progress_every_s=5)
         report = _wait_for_report(server, args.fault_rank, 10) if injection else None
+        stop_following.set()
+        follower.join(timeout=5)
         if args.fault == "stop" and injection:
             faults.signal_process("cont", injection[0].pid, args.fault_rank)
     events.append((t0, "load start"))

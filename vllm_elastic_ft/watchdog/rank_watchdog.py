@@ -335,6 +335,13 @@ class RankWatchdog:
         """Stop the watcher and the monitor; ``clean`` tells peers this rank left on purpose."""
         if self._stop.is_set():
             return
+        if clean:
+            # One last look at the peers: a process torn down because a peer
+            # died (stock vLLM's cascade) still names that peer on its way out.
+            try:
+                self._tick()
+            except Exception:
+                pass
         self._stop.set()
         self._thread.join(timeout=5)
         self._monitor.stop()
