@@ -62,12 +62,31 @@ def _summary(mode: str, op: str, tokens: int, hidden: int, ranks: int, bare: lis
             "watchdog_overhead_pct": round(100 * (w50 - p50) / p50, 2)}
 
 
+def _alternate(mode: str, buffer, watchdog, iters: int, dispatch, combine, shape) -> list[dict]:
+    """Time dispatch then combine on the bare and the watched buffer, alternating, 3 warm-up rounds."""
+    from vllm_elastic_ft.watchdog.deepep import WatchedDeepEPBuffer
+
+    variants = ((buffer, ""), (WatchedDeepEPBuffer(buffer, watchdog), "_w"))
+    samples: dict[str, list[float]] = {op + sfx: [] for op in ("dispatch", "combine")
+                                       for _, sfx in variants}
+    for i in range(iters + 3):
+        for buf, suffix in variants:
+            state: dict = {}
+            d = _timed_us(lambda: dispatch(buf, state))
+            c = _timed_us(lambda: combine(buf, state))
+            if i >= 3:
+                samples["dispatch" + suffix].append(d)
+                samples["combine" + suffix].append(c)
+    tokens, hidden, world = shape
+    return [_summary(mode, op, tokens, hidden, world, samples[op], samples[op + "_w"])
+            for op in ("dispatch", "combine")]
+
+
 def _rank_main(rank: int, world: int, port: int, store_port: int, args, out_queue) -> None:
     import deep_ep
     import torch
     import torch.distributed as dist
 
-    from vllm_elastic_ft.watchdog.deepep import WatchedDeepEPBuffer
     from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
 
     torch.cuda.set_device(rank)
@@ -88,59 +107,41 @@ def _rank_main(rank: int, world: int, port: int, store_port: int, args, out_queu
 
         # High throughput (intranode, NVLink).
         ht = deep_ep.Buffer(group, int(2e9), 0)
-        watched = WatchedDeepEPBuffer(ht, watchdog)
         layout = ht.get_dispatch_layout(topk_idx, num_experts)
-        samples = {k: [] for k in ("dispatch", "dispatch_w", "combine", "combine_w")}
-        for i in range(args.iters + 3):
-            for buf, suffix in ((ht, ""), (watched, "_w")):
-                state = {}
 
-                def dispatch():
-                    state["out"] = buf.dispatch(
-                        x=x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
-                        is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
-                        topk_idx=topk_idx, topk_weights=topk_weights)
+        def ht_dispatch(buf, state):
+            state["out"] = buf.dispatch(
+                x=x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                topk_idx=topk_idx, topk_weights=topk_weights)
 
-                def combine():
-                    recv_x, _, recv_w, _, handle, _ = state["out"]
-                    buf.combine(x=recv_x, handle=handle, topk_weights=recv_w)
+        def ht_combine(buf, state):
+            recv_x, _, recv_w, _, handle, _ = state["out"]
+            buf.combine(x=recv_x, handle=handle, topk_weights=recv_w)
 
-                d, c = _timed_us(dispatch), _timed_us(combine)
-                if i >= 3:
-                    samples["dispatch" + suffix].append(d)
-                    samples["combine" + suffix].append(c)
-        for op in ("dispatch", "combine"):
-            rows.append(_summary("ht", op, tokens, hidden, world, samples[op], samples[op + "_w"]))
+        rows += _alternate("ht", ht, watchdog, args.iters, ht_dispatch, ht_combine,
+                           (tokens, hidden, world))
         ht.destroy() if hasattr(ht, "destroy") else None
 
         # Low latency (receive hooks).
         rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(tokens, hidden, world, num_experts)
         ll = deep_ep.Buffer(group, 0, rdma, low_latency_mode=True,
                             num_qps_per_rank=max(1, num_experts // world))
-        watched = WatchedDeepEPBuffer(ll, watchdog)
-        samples = {k: [] for k in ("dispatch", "dispatch_w", "combine", "combine_w")}
-        for i in range(args.iters + 3):
-            for buf, suffix in ((ll, ""), (watched, "_w")):
-                state = {}
 
-                def ll_dispatch():
-                    recv_x, _, handle, _, hook = buf.low_latency_dispatch(
-                        x, topk_idx, tokens, num_experts, use_fp8=False, return_recv_hook=True)
-                    hook()
-                    state["recv"] = (recv_x, handle)
+        def ll_dispatch(buf, state):
+            recv_x, _, handle, _, hook = buf.low_latency_dispatch(
+                x, topk_idx, tokens, num_experts, use_fp8=False, return_recv_hook=True)
+            hook()
+            state["recv"] = (recv_x, handle)
 
-                def ll_combine():
-                    recv_x, handle = state["recv"]
-                    _, _, hook = buf.low_latency_combine(recv_x, topk_idx, topk_weights, handle,
-                                                         return_recv_hook=True)
-                    hook()
+        def ll_combine(buf, state):
+            recv_x, handle = state["recv"]
+            _, _, hook = buf.low_latency_combine(recv_x, topk_idx, topk_weights, handle,
+                                                 return_recv_hook=True)
+            hook()
 
-                d, c = _timed_us(ll_dispatch), _timed_us(ll_combine)
-                if i >= 3:
-                    samples["dispatch" + suffix].append(d)
-                    samples["combine" + suffix].append(c)
-        for op in ("dispatch", "combine"):
-            rows.append(_summary("ll", op, tokens, hidden, world, samples[op], samples[op + "_w"]))
+        rows += _alternate("ll", ll, watchdog, args.iters, ll_dispatch, ll_combine,
+                           (tokens, hidden, world))
         ll.destroy() if hasattr(ll, "destroy") else None
     watchdog.shutdown()
     if rank == 0:

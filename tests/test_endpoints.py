@@ -64,12 +64,18 @@ def test_fault_report_fences_then_rebuild_readmits(setup):
     assert status["last_report"]["suspects"] == [2]
     assert _metric(registry, 'elastic_ft_faults_total{group="dp",kind="dead"}') == 1
     assert _metric(registry, 'elastic_ft_group_epoch{group="dp"}') == 1
+    # New inference requests are refused fast and retriably; other routes still answer.
+    refused = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["type"] == "elastic_ft_group_not_serving"
+    assert client.get("/elastic_ft/status").status_code == 200
     # The ranks agree on epoch 1 without rank 2: the front end sees READY.
     store.set("eft/dp/epoch", "1")
     store.set("eft/dp/e1/members", json.dumps({"members": [0, 1, 3], "leader": 0, "placement": {}}))
     group.follower.poll()
     assert client.get("/health").status_code == 200
     assert client.get("/elastic_ft/status").json()["state"] == "READY"
+    assert client.post("/v1/completions", json={}).status_code == 404  # let through (no such route here)
     assert _metric(registry, 'elastic_ft_recoveries_total{group="dp"}') == 1
     assert _metric(registry, 'elastic_ft_live_ranks{group="dp"}') == 3
 

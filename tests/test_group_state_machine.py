@@ -2,7 +2,6 @@
 
 from dataclasses import replace
 
-import pytest
 
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.state_machine import (

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.fencing import current_epoch

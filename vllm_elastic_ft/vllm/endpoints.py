@@ -10,7 +10,9 @@ server it follows the DP group through the watchdog store
 * ``GET /health``: 503 while the group is not serving (FENCED, REBUILDING,
   FAILED), otherwise vLLM's own check (200, or 503 on a dead engine) — stock
   ``/health`` says 200 for a group that is fenced;
-* ``/metrics``: ``elastic_ft_*`` gauges, counters and histograms beside vLLM's.
+* ``/metrics``: ``elastic_ft_*`` gauges, counters and histograms beside vLLM's;
+* new inference requests get a retriable 503 (``Retry-After``) while the group
+  is not serving.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from vllm_elastic_ft.placement.solver import contiguous
 logger = get_logger(__name__)
 
 GROUP_NAME = "dp"
+
+#: Paths of requests that would run on the group (refused while it is fenced).
+INFERENCE_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/responses",
+                      "/v1/embeddings", "/inference/")
 
 
 class GroupMetrics:
@@ -153,6 +159,24 @@ class ElasticFTEndpoints:
             return Response(status_code=200)
 
         app.include_router(router)
+
+        @app.middleware("http")
+        async def refuse_while_fenced(request: Request, call_next):
+            # No half-alive group ever serves: while fenced or rebuilding, new
+            # inference requests get a fast, retriable 503 (an ingress or a load
+            # balancer retries them on another group). Requests already
+            # accepted are not touched.
+            group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
+            if (group is not None and not group.controller.view.serving
+                    and request.url.path.startswith(INFERENCE_PREFIXES)):
+                view = group.controller.view
+                return JSONResponse(
+                    {"error": {"message": f"DP group {view.group} is {view.state.value} "
+                                          f"(epoch {view.epoch}): retry on another replica",
+                               "type": "elastic_ft_group_not_serving", "code": 503}},
+                    status_code=503,
+                    headers={"Retry-After": "1", "X-Elastic-FT-State": view.state.value})
+            return await call_next(request)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:

@@ -182,13 +182,9 @@ class RankWatchdog:
         deadline = time.monotonic() + settle_s
         while True:
             with self._lock:
-                statuses = self._read_statuses(store_prefix(self.group, self.epoch))
-                probes = {r: attribution.local_probe(s, self._host)
-                          for r, s in statuses.items() if r != self.rank}
-                verdict = attribution.attribute(
-                    time.time(), self.rank, statuses, probes, {},
-                    stale_s=self.settings.heartbeat_stale_s,
-                    hung_s=2 * self.settings.heartbeat_interval_s, peer_closed=trig.peer_closed)
+                statuses, probes = self._look()
+                verdict = attribution.attribute(time.time(), self.rank, statuses, probes, {},
+                                                peer_closed=trig.peer_closed, **self._limits)
                 if verdict is not None:
                     self._report(verdict, trig.kind, trig.op, trig.seq)
                     return True
@@ -232,20 +228,17 @@ class RankWatchdog:
         self.group_epoch = max(self.group_epoch, current_epoch(self.store, self.group))
         if self.group_epoch > self.epoch:
             return  # fenced out: the old epoch's peers are no business of this rank
-        prefix = store_prefix(self.group, self.epoch)
-        self.store.set(f"{prefix}/hb/{self.rank}", self._status().encode())
-        statuses = self._read_statuses(prefix)
+        self.store.set(f"{store_prefix(self.group, self.epoch)}/hb/{self.rank}",
+                       self._status().encode())
+        statuses, probes = self._look()
         now = time.time()
         for rank, status in statuses.items():
             seen = self._progress.get(rank)
             if seen is None or seen[0] != status.finished:
                 self._progress[rank] = (status.finished, now)
         self._read_injection()
-        probes = {r: attribution.local_probe(s, self._host) for r, s in statuses.items() if r != self.rank}
         progress_t = {r: t for r, (_, t) in self._progress.items()}
-        common = dict(stale_s=self.settings.heartbeat_stale_s,
-                      hung_s=2 * self.settings.heartbeat_interval_s)
-        verdict = attribution.attribute(now, self.rank, statuses, probes, progress_t, **common)
+        verdict = attribution.attribute(now, self.rank, statuses, probes, progress_t, **self._limits)
         if verdict is not None:
             self._report(verdict, "liveness", None, None)
         while True:
@@ -255,18 +248,31 @@ class RankWatchdog:
                 break
         still_pending = []
         for trig in self._pending:
-            verdict = self._attribute_trigger(trig, now, statuses, probes, progress_t, common)
+            verdict = self._attribute_trigger(trig, now, statuses, probes, progress_t)
             if verdict is None:
                 still_pending.append(trig)
             else:
                 self._report(verdict, trig.kind, trig.op, trig.seq)
         self._pending = still_pending
 
-    def _attribute_trigger(self, trig: _Trigger, now: float, statuses, probes, progress_t,
-                           common: dict) -> Verdict | None:
+    @property
+    def _limits(self) -> dict[str, float]:
+        """The staleness limits every attribution uses."""
+        return dict(stale_s=self.settings.heartbeat_stale_s,
+                    hung_s=2 * self.settings.heartbeat_interval_s)
+
+    def _look(self) -> tuple[dict[int, RankStatus], dict[int, str]]:
+        """Every rank's latest status, and a probe of each peer's process on this host."""
+        statuses = self._read_statuses(store_prefix(self.group, self.epoch))
+        probes = {r: attribution.local_probe(s, self._host)
+                  for r, s in statuses.items() if r != self.rank}
+        return statuses, probes
+
+    def _attribute_trigger(self, trig: _Trigger, now: float, statuses, probes,
+                           progress_t) -> Verdict | None:
         """The verdict for a missed deadline or failed collective, or None to look again."""
         dead_or_hung = attribution.attribute(now, self.rank, statuses, probes, progress_t,
-                                             peer_closed=trig.peer_closed, **common)
+                                             peer_closed=trig.peer_closed, **self._limits)
         if dead_or_hung is not None:
             return dead_or_hung
         masked = self._masked_ranks() if trig.kind == "deadline" else []
@@ -284,7 +290,7 @@ class RankWatchdog:
             return None
         return attribution.attribute(
             now, self.rank, statuses, probes, progress_t, peer_closed=trig.peer_closed,
-            waiting_seq=trig.seq, deadline_s=self.deadline_for(trig.seq) or None, **common)
+            waiting_seq=trig.seq, deadline_s=self.deadline_for(trig.seq) or None, **self._limits)
 
     def _masked_ranks(self) -> list[int]:
         if self.miss_suspects is None:
