@@ -27,8 +27,9 @@ peer that never arrives surfaces as a ``RuntimeError`` instead of a block.
 from __future__ import annotations
 
 import math
+import time
 from datetime import timedelta
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,12 +38,41 @@ from torch.distributed import ProcessGroup
 REDUCE_SCATTER_MODES = ("all_to_all", "allgather")
 
 
-def _finish(work, timeout: timedelta | None) -> None:
-    """Wait for a collective, at most ``timeout`` (None: as long as the group's own timeout)."""
+#: With a ``cancelled`` check, a wait runs in slices this long; between slices
+#: the check may give up early (a gloo wait that timed out can be waited again).
+WAIT_SLICE_S = 0.05
+
+Cancelled = Callable[[], bool]
+
+
+class CollectiveCancelled(RuntimeError):
+    """The caller gave up on a collective before its timeout (a peer is known to be gone)."""
+
+
+def _finish(work, timeout: timedelta | None, cancelled: Cancelled | None = None) -> None:
+    """Wait for a collective, at most ``timeout`` (None: as long as the group's own timeout).
+
+    With ``cancelled``, give up as soon as it returns True (checked every
+    ``WAIT_SLICE_S``); a collective that completes in time costs one wait.
+    """
     if timeout is None:
         work.wait()
-    else:
+        return
+    if cancelled is None:
         work.wait(timeout)
+        return
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            work.wait(timedelta(seconds=max(0.0, min(remaining, WAIT_SLICE_S))))
+            return
+        except RuntimeError as err:
+            if remaining <= WAIT_SLICE_S or "timed out" not in str(err).lower():
+                raise
+            if cancelled():
+                raise CollectiveCancelled(f"given up after {timeout.total_seconds() - remaining + WAIT_SLICE_S:.2f}s: "
+                                          "a peer of this group is known to have failed") from err
 
 
 def _as_byte_rows(t: torch.Tensor) -> torch.Tensor:
@@ -56,6 +86,7 @@ def all_gatherv(
     sizes: Sequence[int],
     group: ProcessGroup,
     timeout: timedelta | None = None,
+    cancelled: Cancelled | None = None,
 ) -> list[torch.Tensor]:
     """Gather every rank's rows of each tensor, concatenated in rank order.
 
@@ -65,6 +96,8 @@ def all_gatherv(
         sizes: row count of every rank, indexed by rank in ``group``.
         group: a gloo process group.
         timeout: bound on the wait (None: block as the group's own timeout says).
+        cancelled: checked while waiting; True gives up early (CollectiveCancelled).
+        cancelled: checked while waiting; True gives up early (CollectiveCancelled).
 
     Returns:
         One tensor per input, ``[sum(sizes), *trailing]``, same dtype.
@@ -90,7 +123,7 @@ def all_gatherv(
     # ProcessGroup methods rather than torch.distributed wrappers: the wrappers
     # accept only groups registered with the default group, not the stateless
     # epoch-scoped groups a rebuild creates.
-    _finish(group._allgather_base(gathered, packed), timeout)
+    _finish(group._allgather_base(gathered, packed), timeout, cancelled)
     # Drop each rank's padding, then cut the byte columns back into tensors.
     per_rank = gathered.view(world, max_rows, -1)
     rows = torch.cat([per_rank[r, : sizes[r]] for r in range(world)], dim=0)
@@ -107,6 +140,7 @@ def reduce_scatterv(
     group: ProcessGroup,
     mode: str = "all_to_all",
     timeout: timedelta | None = None,
+    cancelled: Cancelled | None = None,
 ) -> torch.Tensor:
     """Sum ``tensor`` over ranks and return this rank's rows.
 
@@ -116,6 +150,7 @@ def reduce_scatterv(
         group: a gloo process group.
         mode: ``"all_to_all"`` or ``"allgather"`` (see the module docstring).
         timeout: bound on the wait (None: block as the group's own timeout says).
+        cancelled: checked while waiting; True gives up early (CollectiveCancelled).
 
     Returns:
         ``[sizes[rank], *trailing]``: the element-wise sum over ranks of the rows
@@ -132,7 +167,7 @@ def reduce_scatterv(
     start = sum(sizes[:rank])
     if mode == "allgather":
         reduced = tensor.contiguous().clone()
-        _finish(group.allreduce([reduced]), timeout)
+        _finish(group.allreduce([reduced]), timeout, cancelled)
         return reduced[start : start + sizes[rank]]
     if mode != "all_to_all":
         raise ValueError(f"mode must be one of {list(REDUCE_SCATTER_MODES)}, got {mode!r}")
@@ -142,5 +177,5 @@ def reduce_scatterv(
     )
     work = group.alltoall_base(received, tensor.contiguous(), [mine] * world, list(sizes),
                                dist.AllToAllOptions())
-    _finish(work, timeout)
+    _finish(work, timeout, cancelled)
     return received.view((world, mine) + tuple(tensor.shape[1:])).sum(dim=0)

@@ -22,6 +22,7 @@ class ElasticProcessGroup:
         self.timeout = timeout
         self.pg: ProcessGroup | None = None
         self.prefix: str | None = None
+        self._retired: list[ProcessGroup] = []
 
     def configure(self, prefix: str, rank: int, world_size: int) -> ProcessGroup:
         """Abort the current communicator; return a new one over ``world_size`` ranks."""
@@ -32,13 +33,21 @@ class ElasticProcessGroup:
         return self.pg
 
     def abort(self) -> None:
-        """Drop the communicator without talking to its peers (returns in microseconds)."""
+        """Drop the communicator without talking to its peers (returns in microseconds).
+
+        The aborted group is kept referenced, never destroyed: destroying a
+        ProcessGroupGloo whose last collective still waits on a stopped peer
+        blocks until that collective's timeout (measured: the full group
+        timeout, on the thread that drops the last reference). A retired group
+        costs a few idle threads and sockets per rebuild.
+        """
         pg, self.pg = self.pg, None
         if pg is not None:
             try:
                 pg.abort()
             except Exception:  # already broken: nothing left to release
                 pass
+            self._retired.append(pg)
 
     def shutdown(self) -> None:
         self.abort()

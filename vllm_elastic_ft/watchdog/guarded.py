@@ -4,7 +4,9 @@
 multi-process harness call: a watchdog deadline around the collective, the
 collective itself bounded by the same deadline, and on failure a
 :class:`RankFaultError` on the calling thread while the watchdog attributes
-the fault. Fault injection's "slow" delay is served here, right before the
+the fault. A call also gives up early, without waiting out its deadline, once
+the watchdog has named a dead or hung peer (or the group was fenced). Fault
+injection's "slow" delay is served here, right before the
 rank enters the exchange, exactly where a slow rank would lose its time.
 """
 
@@ -45,7 +47,8 @@ def guarded_dispatch(
     _injected_delay(watchdog)
     seq = watchdog.begin("dispatch")
     try:
-        return cpu_collectives.all_gatherv(tensors, sizes, group, watchdog.wait_timeout(seq))
+        return cpu_collectives.all_gatherv(tensors, sizes, group, watchdog.wait_timeout(seq),
+                                           watchdog.peer_failed)
     except RuntimeError as err:
         raise _fail(watchdog, "dispatch", seq, err) from err
     finally:
@@ -60,7 +63,8 @@ def guarded_combine(
     _injected_delay(watchdog)
     seq = watchdog.begin("combine")
     try:
-        return cpu_collectives.reduce_scatterv(tensor, sizes, group, mode, watchdog.wait_timeout(seq))
+        return cpu_collectives.reduce_scatterv(tensor, sizes, group, mode,
+                                               watchdog.wait_timeout(seq), watchdog.peer_failed)
     except RuntimeError as err:
         raise _fail(watchdog, "combine", seq, err) from err
     finally:

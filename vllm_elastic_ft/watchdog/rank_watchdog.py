@@ -103,6 +103,7 @@ class RankWatchdog:
         self.finished = 0
         self.current_op: str | None = None
         self.injected_delay_s = 0.0
+        self._peer_fault_epoch = -1  # epoch in which a dead/hung peer was reported
         #: The group epoch last read from the store; ahead of ``epoch`` means
         #: this rank is fenced out and must not communicate.
         self.group_epoch = epoch
@@ -151,6 +152,11 @@ class RankWatchdog:
         self._monitor.disarm(0)
         self.finished = seq
         self.current_op = None
+
+    def peer_failed(self) -> bool:
+        """Whether a call of this epoch can stop waiting: a peer was named dead or
+        hung, or the group was fenced past this rank's epoch. Cheap (two reads)."""
+        return self._peer_fault_epoch == self.epoch or self.group_epoch > self.epoch
 
     def deadline_for(self, seq: int) -> float:
         """The deadline of call ``seq`` in seconds (0: none, warm-up)."""
@@ -325,6 +331,8 @@ class RankWatchdog:
             return
         self._reported.add(key)
         self._reported.add((verdict.suspects, verdict.kind))
+        if verdict.kind in (FaultKind.DEAD, FaultKind.HUNG) and self.rank not in verdict.suspects:
+            self._peer_fault_epoch = self.epoch
         report = FaultReport(
             group=self.group, epoch=self.epoch, reporter=self.rank, suspects=verdict.suspects,
             kind=verdict.kind, trigger=trigger, reason=verdict.reason, detected_at=time.time(),
