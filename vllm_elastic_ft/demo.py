@@ -63,7 +63,8 @@ def _plot(path: Path, t0: float, t0_mono: float, records: list[RequestRecord],
 
     ends = [r.end - t0_mono for r in records]
     horizon = max(ends + [e[0] - t0 for e in events] + [1.0])
-    bins = [i * 0.5 for i in range(int(horizon / 0.5) + 2)]
+    width = max(0.1, round(horizon / 40, 1))  # about 40 bars whatever the run's length
+    bins = [i * width for i in range(int(horizon / width) + 2)]
     fig, ax = plt.subplots(figsize=(9, 3.5))
     ax.hist([r.end - t0_mono for r in records if r.ok], bins=bins, color="tab:green", label="ok")
     ax.hist([r.end - t0_mono for r in records if not r.ok], bins=bins, color="tab:red",
@@ -72,7 +73,7 @@ def _plot(path: Path, t0: float, t0_mono: float, records: list[RequestRecord],
         ax.axvline(t - t0, color="k", ls="--", lw=0.8)
         ax.text(t - t0, ax.get_ylim()[1] * 0.95, label, rotation=90, va="top", fontsize=8)
     ax.set_xlabel("seconds since load start")
-    ax.set_ylabel("requests finished / 0.5 s")
+    ax.set_ylabel(f"requests finished / {width:g} s")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -128,8 +129,9 @@ def run_demo(args: argparse.Namespace, model: str) -> int:
         "detected": report is not None,
         "detect_s": None,
         "report": report,
-        "note": "fencing and in-engine recovery are not built yet: after the report, "
-                "stock vLLM shuts every engine down and in-flight requests fail",
+        "note": "the API server fences the group (503s); in-engine recovery is not wired "
+                "into vLLM yet, so stock vLLM then shuts every engine down and in-flight "
+                "requests fail",
     }
     if injection:
         events.append((injection[0].at, f"{args.fault} rank {args.fault_rank}"))
