@@ -21,31 +21,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from vllm_elastic_ft import faults
-from vllm_elastic_ft.testing.elastic_moe_loop import STOP_KEY, ElasticLoopSpec, run_elastic_loop
+from vllm_elastic_ft.testing.elastic_moe_loop import (
+    STOP_KEY, ElasticLoopSpec, run_elastic_loop, wait_for_progress,
+)
 from vllm_elastic_ft.testing.harness import RankGroup
 from vllm_elastic_ft.watchdog.rank_watchdog import WatchdogSettings
 
 WORLD = 4
-
-
-def _progress(group: RankGroup, rank: int) -> tuple[int, int]:
-    key = f"loop/step/{rank}"
-    if not group.store.check([key]):
-        return 0, 0
-    epoch, steps = group.store.get(key).decode().split(":")
-    return int(epoch), int(steps)
-
-
-def _wait(group: RankGroup, ranks, epoch: int, steps: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(_progress(group, r) >= (epoch, steps) for r in ranks):
-        if time.monotonic() > deadline:
-            raise TimeoutError({r: _progress(group, r) for r in ranks})
-        time.sleep(0.02)
 
 
 def _first(timeline: list, prefix: str) -> float | None:
@@ -55,9 +40,9 @@ def _first(timeline: list, prefix: str) -> float | None:
 def run_case(fault: str, victim: int, settings: WatchdogSettings) -> list[dict]:
     survivors = [r for r in range(WORLD) if r != victim]
     with RankGroup(run_elastic_loop, WORLD, ElasticLoopSpec(), settings) as group:
-        _wait(group, range(WORLD), 0, 8)
+        wait_for_progress(group.store, range(WORLD), 0, 8)
         injection = faults.signal_process(fault, group.pids[victim], victim)
-        _wait(group, survivors, 1, 10)
+        wait_for_progress(group.store, survivors, 1, 10)
         group.store.set(STOP_KEY, "1")
         results = group.results(survivors, timeout_s=60)
         if fault == "stop":

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from vllm_elastic_ft import faults
-from vllm_elastic_ft.testing.elastic_moe_loop import STOP_KEY, ElasticLoopSpec, run_elastic_loop
+from vllm_elastic_ft.testing.elastic_moe_loop import (
+    STOP_KEY, ElasticLoopSpec, loop_progress, run_elastic_loop, wait_for_progress,
+)
 from vllm_elastic_ft.testing.harness import RankGroup
 from vllm_elastic_ft.watchdog.rank_watchdog import WatchdogSettings
 
@@ -19,19 +21,8 @@ SETTINGS = WatchdogSettings(deadline_s=1.0, warmup_calls=10, heartbeat_interval_
 STEPS_AFTER = 15
 
 
-def _progress(group: RankGroup, rank: int) -> tuple[int, int]:
-    key = f"loop/step/{rank}"
-    if not group.store.check([key]):
-        return 0, 0
-    epoch, steps = group.store.get(key).decode().split(":")
-    return int(epoch), int(steps)
-
-
 def _wait(group: RankGroup, ranks, epoch: int, steps: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(_progress(group, r)[0] >= epoch and _progress(group, r)[1] >= steps for r in ranks):
-        assert time.monotonic() < deadline, {r: _progress(group, r) for r in ranks}
-        time.sleep(0.05)
+    wait_for_progress(group.store, ranks, epoch, steps, timeout_s)
 
 
 def _stop(group: RankGroup, ranks) -> dict:
@@ -124,7 +115,7 @@ def test_second_fault_during_rebuild_ends_ready_or_failed_never_hangs():
         start = time.monotonic()
         deadline = start + ElasticLoopSpec().options.rebuild_budget_s + 10
         while time.monotonic() < deadline:
-            done = [_progress(group, r) for r in (0, 1)]
+            done = [loop_progress(group.store, r) for r in (0, 1)]
             if all(e >= 1 and s >= 20 for e, s in done):
                 break
             time.sleep(0.1)

@@ -47,6 +47,25 @@ STOP_KEY = "loop/stop"
 _JOIN_BIT, _STOP_BIT = 1, 2
 
 
+def loop_progress(store, rank_id: int) -> tuple[int, int]:
+    """``(epoch, correct steps)`` that rank ``rank_id`` last published (0, 0 before any)."""
+    key = f"loop/step/{rank_id}"
+    if not store.check([key]):
+        return 0, 0
+    epoch, steps = store.get(key).decode().split(":")
+    return int(epoch), int(steps)
+
+
+def wait_for_progress(store, ranks, epoch: int, steps: int, timeout_s: float = 60) -> None:
+    """Block until every rank in ``ranks`` reached ``epoch`` with at least ``steps`` correct steps."""
+    deadline = time.monotonic() + timeout_s
+    while not all(loop_progress(store, r)[0] >= epoch and loop_progress(store, r)[1] >= steps
+                  for r in ranks):
+        if time.monotonic() > deadline:
+            raise TimeoutError({r: loop_progress(store, r) for r in ranks})
+        time.sleep(0.02)
+
+
 @dataclass(frozen=True)
 class ElasticLoopSpec:
     moe: MoELoopSpec = field(default_factory=lambda: MoELoopSpec(group="elastic"))
