@@ -49,3 +49,11 @@ def test_numeric_limits_are_checked():
         Limited.from_dict({"deadline_s": 0.5})
     with pytest.raises(ElasticFTConfigError, match="deadline_s must be a number"):
         Limited.from_dict({"deadline_s": True})
+
+
+def test_controller_options_come_from_the_config():
+    config = ElasticFTConfig.from_dict({"rebuild_budget_s": 5, "max_rebuilds": 2, "slow_strikes": 1})
+    options = config.controller_options()
+    assert (options.rebuild_budget_s, options.max_rebuilds, options.slow_strikes) == (5.0, 2, 1)
+    with pytest.raises(ElasticFTConfigError, match=r"max_rebuilds must be in \[1, 100\], got 0"):
+        ElasticFTConfig.from_dict({"max_rebuilds": 0})

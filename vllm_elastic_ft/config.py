@@ -102,6 +102,28 @@ class ElasticFTConfig:
         "Use the native (C++) deadline monitor when it is built; false forces the "
         "pure-Python monitor.",
     )
+    # Group controller (group/): when a fenced group is given up on.
+    rebuild_budget_s: float = _setting(
+        30.0,
+        "A group fenced or rebuilding for longer than this is FAILED (the orchestrator "
+        "restarts it), in seconds.",
+        min=0.1, max=3600.0,
+    )
+    max_rebuilds: int = _setting(
+        3,
+        "Rebuild attempts per fault (a fault during a rebuild is one more) before FAILED.",
+        min=1, max=100,
+    )
+    min_live_ranks: int = _setting(
+        1,
+        "Fewer live ranks than this is FAILED instead of a rebuild.",
+        min=1, max=100_000,
+    )
+    slow_strikes: int = _setting(
+        3,
+        "'slow' reports that fence the group (fewer leave it SUSPECT, still serving).",
+        min=1, max=1000,
+    )
     store: str = _setting(
         "",
         "host:port of the TCPStore that carries heartbeats and fault reports; empty: "
@@ -160,6 +182,15 @@ class ElasticFTConfig:
     ) -> ElasticFTConfig:
         """The config carried in a ``VllmConfig.additional_config`` dict."""
         return cls.from_dict((additional_config or {}).get(CONFIG_KEY))
+
+    def controller_options(self):
+        """The group controller's options (``group.state_machine.ControllerOptions``)."""
+        from vllm_elastic_ft.group.state_machine import ControllerOptions
+
+        return ControllerOptions(rebuild_budget_s=self.rebuild_budget_s,
+                                 max_rebuilds=self.max_rebuilds,
+                                 min_live_ranks=self.min_live_ranks,
+                                 slow_strikes=self.slow_strikes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

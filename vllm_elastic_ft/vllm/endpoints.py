@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from vllm_elastic_ft.config import ElasticFTConfig
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.hooks import LoggingHook
-from vllm_elastic_ft.group.state_machine import ControllerOptions, GroupState, GroupView
+from vllm_elastic_ft.group.state_machine import GroupState, GroupView
 from vllm_elastic_ft.group.store_follower import StoreFollower
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.placement.solver import contiguous
@@ -106,7 +106,7 @@ class FrontEndGroup:
         self.config = config
         self.num_experts = num_experts
         self.metrics = GroupMetrics(registry)
-        self.controller = GroupController(GROUP_NAME, world_size, ControllerOptions(),
+        self.controller = GroupController(GROUP_NAME, world_size, config.controller_options(),
                                           hook=MetricsHook(self.metrics))
         self.metrics.show(self.controller.view)
         self.follower = StoreFollower(store, self.controller, poll_s) if store is not None else None
