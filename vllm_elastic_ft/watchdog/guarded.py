@@ -13,7 +13,7 @@ rank enters the exchange, exactly where a slow rank would lose its time.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch.distributed import ProcessGroup
@@ -21,6 +21,8 @@ from torch.distributed import ProcessGroup
 from vllm_elastic_ft.comm import cpu_collectives
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog
 from vllm_elastic_ft.watchdog.report import RankFaultError
+
+T = TypeVar("T")
 
 
 def _injected_delay(watchdog: RankWatchdog) -> None:
@@ -39,20 +41,29 @@ def _fail(watchdog: RankWatchdog, op: str, seq: int, err: BaseException) -> Rank
     )
 
 
+def run_guarded(watchdog: RankWatchdog, op: str, call: Callable[[int], T],
+                inject_delay: bool = True) -> T:
+    """Run ``call(seq)`` as guarded call ``op``: deadline armed, heartbeat seq, and a
+    RankFaultError (the fault queued for attribution) if it raises a RuntimeError.
+    ``inject_delay``: serve fault injection's "slow" delay here (dispatch, combine)."""
+    if inject_delay:
+        _injected_delay(watchdog)
+    seq = watchdog.begin(op)
+    try:
+        return call(seq)
+    except RuntimeError as err:
+        raise _fail(watchdog, op, seq, err) from err
+    finally:
+        watchdog.end(seq)
+
+
 def guarded_dispatch(
     watchdog: RankWatchdog, tensors: Sequence[torch.Tensor], sizes: Sequence[int],
     group: ProcessGroup,
 ) -> list[torch.Tensor]:
     """``cpu_collectives.all_gatherv`` under a deadline."""
-    _injected_delay(watchdog)
-    seq = watchdog.begin("dispatch")
-    try:
-        return cpu_collectives.all_gatherv(tensors, sizes, group, watchdog.wait_timeout(seq),
-                                           watchdog.peer_failed)
-    except RuntimeError as err:
-        raise _fail(watchdog, "dispatch", seq, err) from err
-    finally:
-        watchdog.end(seq)
+    return run_guarded(watchdog, "dispatch", lambda seq: cpu_collectives.all_gatherv(
+        tensors, sizes, group, watchdog.wait_timeout(seq), watchdog.peer_failed))
 
 
 def guarded_combine(
@@ -60,12 +71,5 @@ def guarded_combine(
     mode: str = "all_to_all",
 ) -> torch.Tensor:
     """``cpu_collectives.reduce_scatterv`` under a deadline."""
-    _injected_delay(watchdog)
-    seq = watchdog.begin("combine")
-    try:
-        return cpu_collectives.reduce_scatterv(tensor, sizes, group, mode,
-                                               watchdog.wait_timeout(seq), watchdog.peer_failed)
-    except RuntimeError as err:
-        raise _fail(watchdog, "combine", seq, err) from err
-    finally:
-        watchdog.end(seq)
+    return run_guarded(watchdog, "combine", lambda seq: cpu_collectives.reduce_scatterv(
+        tensor, sizes, group, mode, watchdog.wait_timeout(seq), watchdog.peer_failed))

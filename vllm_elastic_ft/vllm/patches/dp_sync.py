@@ -15,14 +15,15 @@ from typing import Any, Callable
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 from vllm_elastic_ft.vllm.worker_watchdog import current_watchdog
+from vllm_elastic_ft.watchdog.guarded import run_guarded
 
 RUN_AR = PatchSpec(
     target="vllm.v1.worker.dp_utils:_run_ar",
     why="The per-step DP all-reduce has no deadline: a dead peer errors without a named "
     "culprit, a hung one blocks for gloo's timeout (1800 s).",
-    how="Run it between watchdog begin/end (deadline, heartbeat seq); on an error, "
-    "attribute and report before re-raising. A module function: only dp_utils calls it, "
-    "through its module globals.",
+    how="Run it as a guarded call (deadline, heartbeat seq); an error is attributed and "
+    "re-raised as RankFaultError (a RuntimeError). A module function: only dp_utils calls "
+    "it, through its module globals.",
     upstream="vllm-project/vllm#39863 (/health 200 while a rank is dead), #30112",
     remove_when="vLLM's DP synchronisation takes a timeout and a fault hook.",
     params=("should_ubatch", "orig_num_tokens_per_ubatch", "parallel_config"),
@@ -38,14 +39,8 @@ def _make_run_ar(original: Callable[..., Any]) -> Callable[..., Any]:
         watchdog = current_watchdog() if process_config().enabled else None
         if watchdog is None:
             return original(*args, **kwargs)
-        seq = watchdog.begin("dp_sync")
-        try:
-            return original(*args, **kwargs)
-        except RuntimeError as err:
-            watchdog.collective_failed("dp_sync", seq, err)
-            raise
-        finally:
-            watchdog.end(seq)
+        return run_guarded(watchdog, "dp_sync", lambda seq: original(*args, **kwargs),
+                           inject_delay=False)
 
     return _run_ar
 
