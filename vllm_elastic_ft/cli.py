@@ -4,8 +4,9 @@ Verbs:
   build-model   write (or find) the tiny random-weight MoE checkpoint; print its path
   serve         run vLLM's OpenAI server with the plugin (tiny MoE by default)
   fault         inject a fault into one rank of a running server (kill, stop, cont, slow)
-  demo          the main job: serve a DP+EP deployment, drive load, kill a rank's
-                worker, and show the watchdog's fault report (timeline + JSON)
+  drill         the main job: a DP+EP deployment under load loses a rank and comes
+                back; timeline, plot and JSON (detect/fence/rebuild/interruption,
+                requests lost, outputs checked)
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from vllm_elastic_ft.demo import run_demo
+def cmd_drill(args: argparse.Namespace) -> int:
+    from vllm_elastic_ft.drill import run_drill
 
-    return run_demo(args, _tiny_model(args))
+    return run_drill(args, _tiny_model(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,17 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default="dp", help="slow: group name in the store")
     p.set_defaults(func=cmd_fault)
 
-    p = verbs.add_parser("demo", help="the main job: DP+EP serving, a rank killed, the report")
+    p = verbs.add_parser("drill", help="the main job: a rank fails under load; timeline + JSON")
     _add_model_args(p)
-    p.add_argument("--dp", type=int, default=2)
+    p.add_argument("--dp", type=int, default=2, help="data-parallel size (EP on)")
     p.add_argument("--fault", choices=("kill", "stop"), default="kill")
     p.add_argument("--fault-rank", type=int, default=1)
     p.add_argument("--role", choices=faults.PROCESS_ROLES, default="worker")
-    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--deadline-s", type=float, default=2.0)
-    p.add_argument("--out", default="runs/demo", help="folder for timeline.txt, result.json, plot")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--deadline-s", type=float, default=2.0, help="watchdog deadline")
+    p.add_argument("--rebuild-budget-s", type=float, default=10.0,
+                   help="how long the orchestrator lets a fenced group heal before restarting it")
+    p.add_argument("--retry-for-s", type=float, default=600.0,
+                   help="how long the client retries a failed request (as an ingress would)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the same deployment on stock vLLM (no plugin)")
+    p.add_argument("--out", default="runs/drill", help="folder for the timeline, plot, JSON, logs")
+    p.set_defaults(func=cmd_drill)
     return parser
 
 

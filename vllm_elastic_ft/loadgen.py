@@ -28,6 +28,7 @@ class RequestRecord:
     output_tokens: int = 0
     token_ids: list[int] | None = None
     error: str | None = None
+    attempts: int = 1
 
 
 @dataclass
@@ -85,8 +86,14 @@ def run_load(
     timeout_s: float = 300.0,
     on_record: Callable[[RequestRecord], None] | None = None,
     progress_every_s: float | None = 10.0,
+    retry_for_s: float = 0.0,
 ) -> LoadSummary:
-    """Send ``num_requests`` completions, ``concurrency`` at a time (closed loop)."""
+    """Send ``num_requests`` completions, ``concurrency`` at a time (closed loop).
+
+    ``retry_for_s`` > 0 plays an ingress that retries: a failed request (an
+    error status, a refused or dropped connection) is sent again every 0.25 s
+    until it succeeds or ``retry_for_s`` has passed since its first attempt.
+    """
     lock = threading.Lock()
     records: list[RequestRecord] = []
     t0 = time.monotonic()
@@ -95,15 +102,24 @@ def run_load(
     def one(index: int) -> None:
         prompt = prompts[index % len(prompts)]
         start = time.monotonic()
-        try:
-            tokens = complete_once(url, prompt, max_tokens, timeout_s)
-            record = RequestRecord(index, prompt, start, time.monotonic(), True,
-                                   len(tokens), tokens)
-        except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
-            detail = err.read().decode(errors="replace")[:200] if isinstance(
-                err, urllib.error.HTTPError) else ""
-            record = RequestRecord(index, prompt, start, time.monotonic(), False,
-                                   error=f"{type(err).__name__}: {err} {detail}".strip())
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                tokens = complete_once(url, prompt, max_tokens, timeout_s)
+                record = RequestRecord(index, prompt, start, time.monotonic(), True,
+                                       len(tokens), tokens, attempts=attempts)
+                break
+            except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
+                if time.monotonic() - start < retry_for_s:
+                    time.sleep(0.25)
+                    continue
+                detail = err.read().decode(errors="replace")[:200] if isinstance(
+                    err, urllib.error.HTTPError) else ""
+                record = RequestRecord(index, prompt, start, time.monotonic(), False,
+                                       error=f"{type(err).__name__}: {err} {detail}".strip(),
+                                       attempts=attempts)
+                break
         with lock:
             records.append(record)
             now = time.monotonic()

@@ -1,7 +1,7 @@
 """Read the FaultReports a vLLM deployment wrote into its log.
 
 Every report is one log line ending in ``| {json}`` (see
-``watchdog/report.py``); the demo, the benchmarks and the end-to-end tests read
+``watchdog/report.py``); the drill, the benchmarks and the end-to-end tests read
 them back from the server log rather than through any side channel.
 """
 

@@ -1,0 +1,266 @@
+"""The failure drill: a real DP+EP deployment loses a rank under load, and comes back.
+
+``vllm-elastic-ft drill`` (``./run.sh``) starts a local deployment
+(``vllm-elastic-ft serve``: DP ranks, EP on, the tiny MoE, the plugin on),
+takes reference greedy outputs, drives a bounded closed-loop load through a
+client that retries like an ingress, injects a fault into one rank's worker or
+engine (kill or stop), and plays the orchestrator: it follows
+``/elastic_ft/status`` and restarts the group when the group cannot heal
+itself. It then checks the outputs against the reference and writes
+``timeline.txt``, ``timeline.png`` and ``result.json`` (``detect_s``,
+``fence_s``, ``rebuild_s``, ``interruption_s``, ``requests_sent``,
+``requests_ok``, ``requests_lost``, ``outputs_match_reference``,
+``final_state``, ``live_ranks``...).
+
+Recovery today is the fallback path, a restart of the whole group
+(``"recovery": "group_restart"``): the in-engine rebuild is proven on gloo
+ranks (``testing/elastic_moe_loop.py``) but not yet wired into vLLM's engine
+processes. ``--baseline`` also runs the same deployment on stock vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+from vllm_elastic_ft import faults
+from vllm_elastic_ft.loadgen import LoadSummary, RequestRecord, run_load
+from vllm_elastic_ft.reports_in_logs import fault_reports
+from vllm_elastic_ft.testing.harness import free_port
+from vllm_elastic_ft.testing.server import ServerFailed, ServerSpec, VLLMServer
+
+PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5",
+           "def f(x): return", "When one rank dies or hangs", "Questions and answers"]
+REFERENCE_TOKENS = 16
+#: Timeline events marked on the plot, with their short labels (the rest is in timeline.txt).
+_PLOTTED = (("fault:", "fault"), ("API server: group FENCED", "fenced"),
+            ("orchestrator: group restart", "group restart"), ("orchestrator: group READY", "ready"))
+
+
+class Timeline:
+    """Wall-clock events of the drill, in the order they happened."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+
+    def add(self, what: str, at: float | None = None) -> float:
+        at = time.time() if at is None else at
+        with self._lock:
+            self.events.append((at, what))
+        print(f"[drill] {what}", flush=True)
+        return at
+
+    def first(self, prefix: str) -> float | None:
+        return min((t for t, what in self.events if what.startswith(prefix)), default=None)
+
+
+class Deployment:
+    """The group under test: one server process, restarted in place (same port)."""
+
+    def __init__(self, spec: ServerSpec, out: Path):
+        self.spec, self.out = spec, out
+        self.port = free_port()
+        self.starts = 0
+        self.server: VLLMServer | None = None
+
+    def start(self) -> float:
+        self.starts += 1
+        self.server = VLLMServer(self.spec, self.out / f"server-{self.starts}.log", self.port)
+        self.server.start()
+        return self.server.wait_ready(timeout_s=900)
+
+    def restart(self) -> float:
+        if self.server is not None:
+            self.server.stop()
+        return self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def status(self) -> dict | None:
+        try:
+            return self.server.get_json("/elastic_ft/status", timeout_s=1)
+        except (OSError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        return self.server is not None and self.server.proc.poll() is None
+
+
+def _follow(deployment: Deployment, timeline: Timeline, stop: threading.Event) -> None:
+    """Record every change of what the API server says about its group."""
+    last = None
+    while not stop.is_set():
+        status = deployment.status()
+        state = status["state"] if status else "unreachable"
+        seen = (state, deployment.server.health() if status else None)
+        if seen != last:
+            timeline.add(f"API server: group {state}, /health {seen[1]}")
+            last = seen
+        stop.wait(0.05)
+
+
+def _orchestrate(deployment: Deployment, timeline: Timeline, fault_at: threading.Event,
+                 load_done: threading.Event, budget_s: float) -> None:
+    """Restart the group when it cannot heal itself: its process went down, it
+    reported FAILED, or it stayed fenced past ``budget_s``."""
+    fault_at.wait()
+    while not load_done.is_set():
+        status = deployment.status()
+        fenced_at = timeline.first("API server: group FENCED")
+        failed = status is not None and status["state"] == "FAILED"
+        over_budget = fenced_at is not None and time.time() - fenced_at > budget_s
+        if not deployment.alive() or failed or over_budget:
+            why = ("the deployment went down" if not deployment.alive() else
+                   "the group reported FAILED" if failed else f"fenced for > {budget_s}s")
+            timeline.add(f"orchestrator: group restart ({why})")
+            took = deployment.restart()
+            timeline.add(f"orchestrator: group READY again after restart ({took:.0f}s start-up)")
+            return
+        time.sleep(0.1)
+
+
+def _interruption_s(load: LoadSummary, fault_wall: float, t0_wall: float, t0_mono: float) -> float:
+    """Longest gap between successful completions after the fault (0: none)."""
+    fault_mono = t0_mono + (fault_wall - t0_wall)
+    ends = sorted([fault_mono] + [r.end for r in load.records if r.ok and r.end >= fault_mono])
+    return max((b - a for a, b in zip(ends, ends[1:])), default=0.0)
+
+
+def _plot(path: Path, t0: float, t0_mono: float, records: list[RequestRecord],
+          events: list[tuple[float, str]]) -> None:
+    """Requests finished per bar (records carry monotonic times, events wall times)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ends = [r.end - t0_mono for r in records]
+    horizon = max(ends + [e[0] - t0 for e in events] + [1.0])
+    width = max(0.1, round(horizon / 60, 1))  # about 60 bars whatever the run's length
+    bins = [i * width for i in range(int(horizon / width) + 2)]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.hist([r.end - t0_mono for r in records if r.ok], bins=bins, color="tab:green",
+            label="completed")
+    ax.hist([r.end - t0_mono for r in records if not r.ok], bins=bins, color="tab:red",
+            label="lost")
+    top = ax.get_ylim()[1]
+    shown = [(t, short) for t, what in sorted(events) for prefix, short in _PLOTTED
+             if what.startswith(prefix)]
+    for i, (t, short) in enumerate(shown):
+        ax.axvline(t - t0, color="k", ls="--", lw=0.7)
+        ax.text(t - t0, top * (0.95 - 0.12 * (i % 4)), f" {short}", va="top", fontsize=8)
+    ax.set_xlabel("seconds since load start")
+    ax.set_ylabel(f"requests completed / {width:g} s")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _stock_baseline(args: argparse.Namespace, model: str, out: Path) -> dict:
+    """The same deployment and one request on stock vLLM (no plugin)."""
+    spec = ServerSpec(model, data_parallel_size=args.dp, expert_parallel=True, plugin=False)
+    server = VLLMServer(spec, out / "stock.log")
+    result: dict = {"plugin": False, "dp": args.dp}
+    try:
+        with server:
+            result["startup_s"] = round(server.wait_ready(timeout_s=600), 1)
+            try:
+                server.greedy_tokens(PROMPTS[0], 4, timeout_s=60)
+                result["serves"] = True
+            except OSError as err:
+                result.update(serves=False, error=str(err)[:200])
+    except ServerFailed as err:
+        result.update(serves=False, error=str(err).splitlines()[0][:200])
+    text = server.log_text()
+    result["not_implemented_error"] = "NotImplementedError" in text
+    return result
+
+
+def run_drill(args: argparse.Namespace, model: str) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = ServerSpec(model, data_parallel_size=args.dp, expert_parallel=True,
+                      extra_args=["--elastic-ft-deadline-s", str(args.deadline_s)])
+    deployment = Deployment(spec, out)
+    timeline = Timeline()
+    print(f"[drill] starting DP={args.dp} EP deployment with vllm-elastic-ft (logs in {out})")
+    startup_s = deployment.start()
+    try:
+        reference = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
+        timeline.add(f"deployment ready in {startup_s:.0f}s; reference outputs taken")
+        fault_fired, load_done, stop_following = (threading.Event() for _ in range(3))
+        injection: list[faults.Injection] = []
+        trigger_at = max(1, args.requests // 3)
+        done_count = [0]
+
+        def on_record(record: RequestRecord) -> None:
+            done_count[0] += 1
+            if done_count[0] >= trigger_at and not fault_fired.is_set():
+                fault_fired.set()
+                pid = faults.rank_pid(deployment.server.proc.pid, args.fault_rank, args.role)
+                injection.append(faults.signal_process(args.fault, pid, args.fault_rank))
+                timeline.add(f"fault: {args.fault} {args.role} of DP rank {args.fault_rank} "
+                             f"(pid {pid})", injection[0].at)
+
+        threads = [
+            threading.Thread(target=_follow, args=(deployment, timeline, stop_following), daemon=True),
+            threading.Thread(target=_orchestrate, args=(deployment, timeline, fault_fired, load_done,
+                                                        args.rebuild_budget_s), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        t0, t0_mono = timeline.add(f"load: {args.requests} requests, {args.concurrency} in flight, "
+                                   f"retried for up to {args.retry_for_s:.0f}s"), time.monotonic()
+        load = run_load(deployment.url, PROMPTS, args.requests, args.concurrency, max_tokens=32,
+                        timeout_s=120, on_record=on_record, progress_every_s=10,
+                        retry_for_s=args.retry_for_s)
+        load_done.set()
+        threads[1].join(timeout=900)
+        if args.fault == "stop" and injection and deployment.starts == 1:
+            faults.signal_process("cont", injection[0].pid, args.fault_rank)
+        after = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
+        final = deployment.status() or {}
+        stop_following.set()
+        threads[0].join(timeout=5)
+        report = next((r for r in fault_reports((out / "server-1.log").read_text(errors="replace"))
+                       if args.fault_rank in r["suspects"]), None)
+    finally:
+        deployment.server.stop()
+
+    fault_wall = injection[0].at if injection else None
+
+    def since_fault(at: float | None) -> float | None:
+        return round(at - fault_wall, 3) if at is not None and fault_wall is not None else None
+
+    result = {
+        "dp": args.dp, "fault": args.fault, "fault_rank": args.fault_rank, "role": args.role,
+        "recovery": "group_restart" if deployment.starts > 1 else "none_needed",
+        "detect_s": since_fault(report["detected_at"]) if report else None,
+        "fence_s": since_fault(timeline.first("API server: group FENCED")),
+        "rebuild_s": since_fault(timeline.first("orchestrator: group READY")),
+        "interruption_s": round(_interruption_s(load, fault_wall, t0, t0_mono), 3) if fault_wall else None,
+        "requests_sent": len(load.records), "requests_ok": load.ok, "requests_lost": load.failed,
+        "requests_retried": sum(r.attempts > 1 for r in load.records),
+        "outputs_match_reference": after == reference,
+        "final_state": final.get("state"), "live_ranks": final.get("live_ranks"),
+        "startup_s": round(startup_s, 1), "report": report,
+    }
+    if args.baseline:
+        print("[drill] baseline: the same deployment on stock vLLM (no plugin)")
+        result["baseline_stock"] = _stock_baseline(args, deployment.spec.model, out)
+        result["baseline_group_restart_s"] = result["rebuild_s"]
+    lines = [f"{t - t0:9.3f}s  {what}" for t, what in sorted(timeline.events)]
+    (out / "timeline.txt").write_text("\n".join(lines) + "\n")
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    _plot(out / "timeline.png", t0, t0_mono, load.records, timeline.events)
+    print("\n".join(["[drill] timeline (seconds since load start):"] + ["  " + x for x in lines]))
+    print(json.dumps({k: v for k, v in result.items() if k != "report"}))
+    print(f"[drill] wrote {out}/timeline.txt, timeline.png, result.json")
+    return 0 if result["requests_lost"] == 0 and result["outputs_match_reference"] else 1
