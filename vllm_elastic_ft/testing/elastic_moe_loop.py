@@ -37,7 +37,7 @@ from vllm_elastic_ft.group.state_machine import (
     ControllerOptions, GroupState, JoinRequested, PeerFenced, RebuildDone, RebuildFailed,
     RebuildStarted, Served,
 )
-from vllm_elastic_ft.placement.solver import contiguous, solve
+from vllm_elastic_ft.placement.solver import PlacementPlan, contiguous, solve
 from vllm_elastic_ft.testing.moe_loop import MoELayer, MoELoopSpec
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
@@ -59,10 +59,12 @@ def loop_progress(store, rank_id: int) -> tuple[int, int]:
 def wait_for_progress(store, ranks, epoch: int, steps: int, timeout_s: float = 60) -> None:
     """Block until every rank in ``ranks`` reached ``epoch`` with at least ``steps`` correct steps."""
     deadline = time.monotonic() + timeout_s
-    while not all(loop_progress(store, r)[0] >= epoch and loop_progress(store, r)[1] >= steps
-                  for r in ranks):
+    while True:
+        progress = {r: loop_progress(store, r) for r in ranks}
+        if all(e >= epoch and s >= steps for e, s in progress.values()):
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError({r: loop_progress(store, r) for r in ranks})
+            raise TimeoutError(progress)
         time.sleep(0.02)
 
 
@@ -184,10 +186,9 @@ class ElasticRank:
         # heartbeat at the new epoch is what names it.
         self.watchdog.reconfigure(new.epoch, me, len(new.members))
         self.members = new
-        plan_owner = {e: min(r for r, ex in new.placement.items() if e in ex)
-                      for e in range(self.spec.moe.experts)}
+        plan = PlacementPlan(new.placement)
         held = new.placement[self.id]
-        self.loaded += self.layer.hold(held, [e for e in held if plan_owner[e] == self.id])
+        self.loaded += self.layer.hold(held, [e for e in held if plan.owner_of(e) == self.id])
         try:
             self.pg.configure(f"eft/{self.group}/e{new.epoch}/pg", me, len(new.members))
         except RuntimeError as err:  # a member vanished between agreement and connect
