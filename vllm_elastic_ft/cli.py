@@ -109,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("drill", help="the main job: a rank fails under load; timeline + JSON")
     _add_model_args(p)
-    p.add_argument("--dp", type=int, default=2, help="data-parallel size (EP on)")
+    p.add_argument("--dp", type=int, default=4, help="data-parallel size (EP on)")
     p.add_argument("--fault", choices=("kill", "stop"), default="kill")
     p.add_argument("--fault-rank", type=int, default=1)
+    p.add_argument("--second-fault-rank", type=int, default=None,
+                   help="also kill this rank while the survivors rebuild")
+    p.add_argument("--rebuild-hold-s", type=float, default=2.0,
+                   help="with --second-fault-rank: injected time each rebuild is held")
     p.add_argument("--role", choices=faults.PROCESS_ROLES, default="worker")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
@@ -121,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-for-s", type=float, default=600.0,
                    help="how long the client retries a failed request (as an ingress would)")
     p.add_argument("--baseline", action="store_true",
-                   help="also run the same deployment on stock vLLM (no plugin)")
+                   help="also run the same load and fault with a group restart instead of the "
+                   "in-engine rebuild, and the deployment on stock vLLM (no plugin)")
     p.add_argument("--out", default="runs/drill", help="folder for the timeline, plot, JSON, logs")
     p.set_defaults(func=cmd_drill)
     return parser

@@ -102,6 +102,20 @@ class ElasticFTConfig:
         "Use the native (C++) deadline monitor when it is built; false forces the "
         "pure-Python monitor.",
     )
+    # In-engine recovery (vllm/worker_group.py, engine_group.py, frontend_recovery.py).
+    in_engine_rebuild: bool = _setting(
+        True,
+        "Rebuild the DP group inside the running engines when a rank fails (survivors "
+        "keep their processes, weights and KV cache; requests of the lost rank are "
+        "re-submitted). false: a failure fences the group and the front end shuts "
+        "down as stock vLLM does, for an orchestrator to restart it.",
+    )
+    join_window_s: float = _setting(
+        3.0,
+        "How long the first rank at a new epoch waits for the survivors it expects "
+        "before it publishes the members without them, in seconds.",
+        min=0.0, max=600.0,
+    )
     # Group controller (group/): when a fenced group is given up on.
     rebuild_budget_s: float = _setting(
         30.0,

@@ -12,10 +12,15 @@ itself. It then checks the outputs against the reference and writes
 ``requests_ok``, ``requests_lost``, ``outputs_match_reference``,
 ``final_state``, ``live_ranks``...).
 
-Recovery today is the fallback path, a restart of the whole group
-(``"recovery": "group_restart"``): the in-engine rebuild is proven on gloo
-ranks (``testing/elastic_moe_loop.py``) but not yet wired into vLLM's engine
-processes. ``--baseline`` also runs the same deployment on stock vLLM.
+Recovery is in-engine (``"recovery": "in_engine"``): the survivors rebuild
+the group and carry on; the orchestrator restarts the group only when it
+cannot heal (``"group_restart"``). ``--second-fault-rank`` kills another rank
+while the survivors rebuild (they are held in the rebuild by an injected
+delay); with ``--fault stop`` the stopped rank is woken (SIGCONT) once the group
+rebuilt without it, to show that it is refused. ``--baseline`` runs the same
+load and fault again with in-engine rebuild off (the group restart an
+orchestrator does today) and the deployment on stock vLLM, and reports the
+interruption ratio.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5",
 REFERENCE_TOKENS = 16
 #: Timeline events marked on the plot, with their short labels (the rest is in timeline.txt).
 _PLOTTED = (("fault:", "fault"), ("API server: group FENCED", "fenced"),
-            ("orchestrator: group restart", "group restart"), ("orchestrator: group READY", "ready"))
+            ("API server: group READY", "ready"), ("API server: group HEALTHY", "serving"),
+            ("orchestrator: group restart", "group restart"),
+            ("orchestrator: group READY", "ready after restart"))
 
 
 class Timeline:
@@ -92,7 +99,8 @@ class Deployment:
         return self.server is not None and self.server.proc.poll() is None
 
 
-def _follow(deployment: Deployment, timeline: Timeline, stop: threading.Event) -> None:
+def _follow(deployment: Deployment, timeline: Timeline, stop: threading.Event,
+            on_state=None) -> None:
     """Record every change of what the API server says about its group."""
     last = None
     while not stop.is_set():
@@ -100,9 +108,12 @@ def _follow(deployment: Deployment, timeline: Timeline, stop: threading.Event) -
         state = status["state"] if status else "unreachable"
         seen = (state, deployment.server.health() if status else None)
         if seen != last:
-            timeline.add(f"API server: group {state}, /health {seen[1]}")
+            epoch = f" epoch {status['epoch']}, ranks {status['live_ranks']}" if status else ""
+            timeline.add(f"API server: group {state},{epoch} /health {seen[1]}")
             last = seen
-        stop.wait(0.05)
+            if on_state is not None:
+                on_state(state)
+        stop.wait(0.02)
 
 
 def _orchestrate(deployment: Deployment, timeline: Timeline, fault_at: threading.Event,
@@ -183,34 +194,59 @@ def _stock_baseline(args: argparse.Namespace, model: str, out: Path) -> dict:
     return result
 
 
-def run_drill(args: argparse.Namespace, model: str) -> int:
-    out = Path(args.out)
+def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool,
+                label: str) -> dict:
+    """One deployment, one bounded load, one fault (and a second one if asked); the result."""
     out.mkdir(parents=True, exist_ok=True)
-    spec = ServerSpec(model, data_parallel_size=args.dp, expert_parallel=True,
-                      extra_args=["--elastic-ft-deadline-s", str(args.deadline_s)])
+    extra = ["--elastic-ft-deadline-s", str(args.deadline_s),
+             "--elastic-ft-rebuild-budget-s", str(args.rebuild_budget_s)]
+    if not in_engine:
+        extra += ["--no-elastic-ft-in-engine-rebuild"]
+    spec = ServerSpec(model, data_parallel_size=args.dp, expert_parallel=True, extra_args=extra)
     deployment = Deployment(spec, out)
     timeline = Timeline()
-    print(f"[drill] starting DP={args.dp} EP deployment with vllm-elastic-ft (logs in {out})")
+    print(f"[drill] {label}: starting DP={args.dp} EP deployment (logs in {out})")
     startup_s = deployment.start()
+    injection: list[faults.Injection] = []
     try:
         reference = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
         timeline.add(f"deployment ready in {startup_s:.0f}s; reference outputs taken")
+        store_address = ((deployment.status() or {}).get("watchdog") or {}).get("store")
+        if args.second_fault_rank is not None and store_address:
+            # Hold the survivors inside their rebuild long enough for the second fault to land.
+            faults.set_rebuild_delay(faults.connect_store(store_address), "dp", args.rebuild_hold_s)
+            timeline.add(f"injected: rebuilds held {args.rebuild_hold_s}s (second fault lands in one)")
         fault_fired, load_done, stop_following = (threading.Event() for _ in range(3))
-        injection: list[faults.Injection] = []
         trigger_at = max(1, args.requests // 3)
         done_count = [0]
+
+        def inject(kind: str, rank: int, note: str = "") -> None:
+            pid = faults.rank_pid(deployment.server.proc.pid, rank, args.role)
+            injection.append(faults.signal_process(kind, pid, rank))
+            timeline.add(f"fault: {kind} {args.role} of DP rank {rank} (pid {pid}){note}",
+                         injection[-1].at)
 
         def on_record(record: RequestRecord) -> None:
             done_count[0] += 1
             if done_count[0] >= trigger_at and not fault_fired.is_set():
                 fault_fired.set()
-                pid = faults.rank_pid(deployment.server.proc.pid, args.fault_rank, args.role)
-                injection.append(faults.signal_process(args.fault, pid, args.fault_rank))
-                timeline.add(f"fault: {args.fault} {args.role} of DP rank {args.fault_rank} "
-                             f"(pid {pid})", injection[0].at)
+                inject(args.fault, args.fault_rank)
+
+        def on_state(state: str) -> None:
+            """Faults that follow the group's state: SIGCONT of a stopped rank once the group
+            rebuilt without it (it wakes up stale); a second kill while the group rebuilds."""
+            if (state == "REBUILDING" and args.second_fault_rank is not None
+                    and len(injection) == 1):
+                inject("kill", args.second_fault_rank, " during the rebuild")
+            if (state in ("READY", "HEALTHY") and args.fault == "stop" and injection
+                    and not any(i.kind == "cont" for i in injection) and deployment.starts == 1):
+                injection.append(faults.signal_process("cont", injection[0].pid, args.fault_rank))
+                timeline.add(f"fault: cont rank {args.fault_rank} (it wakes up in an old epoch)",
+                             injection[-1].at)
 
         threads = [
-            threading.Thread(target=_follow, args=(deployment, timeline, stop_following), daemon=True),
+            threading.Thread(target=_follow, args=(deployment, timeline, stop_following, on_state),
+                             daemon=True),
             threading.Thread(target=_orchestrate, args=(deployment, timeline, fault_fired, load_done,
                                                         args.rebuild_budget_s), daemon=True),
         ]
@@ -223,14 +259,16 @@ def run_drill(args: argparse.Namespace, model: str) -> int:
                         retry_for_s=args.retry_for_s)
         load_done.set()
         threads[1].join(timeout=900)
-        if args.fault == "stop" and injection and deployment.starts == 1:
+        if args.fault == "stop" and injection and not any(i.kind == "cont" for i in injection) \
+                and deployment.starts == 1:
             faults.signal_process("cont", injection[0].pid, args.fault_rank)
         after = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
+        time.sleep(0.5)  # let a woken stale rank meet its fence before the final look
         final = deployment.status() or {}
         stop_following.set()
         threads[0].join(timeout=5)
-        report = next((r for r in fault_reports((out / "server-1.log").read_text(errors="replace"))
-                       if args.fault_rank in r["suspects"]), None)
+        log_text = (out / "server-1.log").read_text(errors="replace")
+        report = next((r for r in fault_reports(log_text) if args.fault_rank in r["suspects"]), None)
     finally:
         deployment.server.stop()
 
@@ -239,28 +277,58 @@ def run_drill(args: argparse.Namespace, model: str) -> int:
     def since_fault(at: float | None) -> float | None:
         return round(at - fault_wall, 3) if at is not None and fault_wall is not None else None
 
+    restarted = deployment.starts > 1
+    fenced_at = timeline.first("API server: group FENCED")
+    ready_in_engine = None if restarted or fenced_at is None else next(
+        (t for t, what in sorted(timeline.events)
+         if t > fenced_at and what.startswith(("API server: group READY",
+                                              "API server: group HEALTHY"))), None)
     result = {
-        "dp": args.dp, "fault": args.fault, "fault_rank": args.fault_rank, "role": args.role,
-        "recovery": "group_restart" if deployment.starts > 1 else "none_needed",
+        "label": label, "dp": args.dp, "fault": args.fault, "fault_rank": args.fault_rank,
+        "second_fault_rank": args.second_fault_rank, "role": args.role,
+        "recovery": "group_restart" if restarted else "in_engine" if ready_in_engine else "none",
         "detect_s": since_fault(report["detected_at"]) if report else None,
-        "fence_s": since_fault(timeline.first("API server: group FENCED")),
-        "rebuild_s": since_fault(timeline.first("orchestrator: group READY")),
+        "fence_s": since_fault(fenced_at),
+        "rebuild_s": since_fault(timeline.first("orchestrator: group READY") if restarted
+                                 else ready_in_engine),
         "interruption_s": round(_interruption_s(load, fault_wall, t0, t0_mono), 3) if fault_wall else None,
         "requests_sent": len(load.records), "requests_ok": load.ok, "requests_lost": load.failed,
         "requests_retried": sum(r.attempts > 1 for r in load.records),
+        "requests_resubmitted_in_engine": ((final.get("recovery") or {}).get("requests_resubmitted")),
         "outputs_match_reference": after == reference,
-        "final_state": final.get("state"), "live_ranks": final.get("live_ranks"),
+        "final_state": final.get("state"), "final_epoch": final.get("epoch"),
+        "live_ranks": final.get("live_ranks"), "expert_placement": final.get("expert_placement"),
+        "stale_rank_refused": ("fenced out" in log_text) if args.fault == "stop" else None,
         "startup_s": round(startup_s, 1), "report": report,
     }
-    if args.baseline:
-        print("[drill] baseline: the same deployment on stock vLLM (no plugin)")
-        result["baseline_stock"] = _stock_baseline(args, deployment.spec.model, out)
-        result["baseline_group_restart_s"] = result["rebuild_s"]
     lines = [f"{t - t0:9.3f}s  {what}" for t, what in sorted(timeline.events)]
     (out / "timeline.txt").write_text("\n".join(lines) + "\n")
     (out / "result.json").write_text(json.dumps(result, indent=2))
     _plot(out / "timeline.png", t0, t0_mono, load.records, timeline.events)
-    print("\n".join(["[drill] timeline (seconds since load start):"] + ["  " + x for x in lines]))
+    print("\n".join([f"[drill] {label} timeline (seconds since load start):"]
+                    + ["  " + x for x in lines]))
+    return result
+
+
+def run_drill(args: argparse.Namespace, model: str) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = _drill_once(args, model, out, in_engine=True, label="vllm-elastic-ft")
+    if args.baseline:
+        print("[drill] baseline 1/2: the same load and fault, recovered by restarting the group")
+        restart = _drill_once(args, model, out / "baseline-group-restart", in_engine=False,
+                              label="group restart")
+        print("[drill] baseline 2/2: the same deployment on stock vLLM (no plugin)")
+        stock = _stock_baseline(args, model, out)
+        ours, theirs = result["interruption_s"], restart["interruption_s"]
+        result["baseline"] = {
+            "stock_vllm": stock,
+            "group_restart": {k: restart[k] for k in (
+                "recovery", "rebuild_s", "interruption_s", "requests_lost", "requests_retried",
+                "outputs_match_reference", "final_state")},
+            "interruption_ratio": round(theirs / ours, 1) if ours and theirs else None,
+        }
+        (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "report"}))
     print(f"[drill] wrote {out}/timeline.txt, timeline.png, result.json")
     return 0 if result["requests_lost"] == 0 and result["outputs_match_reference"] else 1

@@ -56,6 +56,25 @@ def set_slow(store, group: str, rank: int, delay_s: float) -> Injection:
     return Injection("slow", None, rank, time.time())
 
 
+def rebuild_delay_key(group: str) -> str:
+    return f"eft/{group}/inject/rebuild_delay"
+
+
+def set_rebuild_delay(store, group: str, delay_s: float) -> Injection:
+    """Hold every rank of ``group`` for ``delay_s`` inside its next rebuilds (after the
+    fence, before the agreement): room for a second fault to land during a rebuild."""
+    if delay_s < 0:
+        raise ValueError(f"delay_s must be >= 0, got {delay_s}")
+    store.set(rebuild_delay_key(group), str(float(delay_s)))
+    logger.warning("fault injected: rebuilds of group %s held for %.3fs", group, delay_s)
+    return Injection("rebuild_delay", None, None, time.time())
+
+
+def rebuild_delay_s(store, group: str) -> float:
+    key = rebuild_delay_key(group)
+    return float(store.get(key)) if store.check([key]) else 0.0
+
+
 def connect_store(address: str, timeout_s: float = 10.0):
     """A client of the watchdog TCPStore at ``host:port``."""
     from datetime import timedelta

@@ -3,7 +3,8 @@
 The front end (API server) does not run collectives; it learns what happens
 to its group from what the ranks write into the watchdog store: FaultReports
 under ``eft/<g>/e<epoch>/fault/<rank>``, the epoch under ``eft/<g>/epoch``
-and an agreed membership under ``eft/<g>/e<epoch>/members``. One thread polls
+an agreed membership under ``eft/<g>/e<epoch>/members`` and, once the first
+step of that epoch ran, ``eft/<g>/e<epoch>/serving``. One thread polls
 them every ``poll_s`` and feeds its controller, whose view is what
 ``/elastic_ft/status``, ``/health`` and ``/metrics`` show.
 """
@@ -15,7 +16,7 @@ import threading
 
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.fencing import current_epoch
-from vllm_elastic_ft.group.state_machine import PeerFenced, RebuildDone, RebuildStarted, Tick
+from vllm_elastic_ft.group.state_machine import PeerFenced, RebuildDone, RebuildStarted, Served, Tick
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.watchdog.rank_watchdog import store_prefix
 
@@ -63,4 +64,7 @@ class StoreFollower:
             members = tuple(json.loads(self.store.get(members_key))["members"])
             self.controller.handle(RebuildStarted(self.controller.view.epoch))
             self.controller.handle(RebuildDone(self.controller.view.epoch, members))
+            # A member ran the first step of the epoch: the group serves again.
+            if self.store.check([f"{store_prefix(group, self.controller.view.epoch)}/serving"]):
+                self.controller.handle(Served(self.controller.view.epoch))
         self.controller.handle(Tick())

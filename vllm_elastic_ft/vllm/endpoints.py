@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from vllm_elastic_ft.config import ElasticFTConfig
+from vllm_elastic_ft.group import epochs
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.hooks import LoggingHook
 from vllm_elastic_ft.group.state_machine import GroupState, GroupView
@@ -77,6 +78,8 @@ class MetricsHook(LoggingHook):
     def __init__(self, metrics: GroupMetrics):
         self.metrics = metrics
         self._fenced_at: float | None = None
+        #: Called with the view whenever a new epoch's members are known (READY).
+        self.on_members = None
 
     def on_fenced(self, view: GroupView, report: dict | None) -> None:
         super().on_fenced(view, report)
@@ -88,6 +91,8 @@ class MetricsHook(LoggingHook):
 
     def on_ready(self, view: GroupView) -> None:
         super().on_ready(view)
+        if self.on_members is not None:
+            self.on_members(view)
         self.metrics.show(view)
         self.metrics.recoveries.labels(view.group).inc()
         if self._fenced_at is not None:
@@ -106,21 +111,44 @@ class FrontEndGroup:
         self.config = config
         self.num_experts = num_experts
         self.metrics = GroupMetrics(registry)
+        self.metrics_hook = MetricsHook(self.metrics)
         self.controller = GroupController(GROUP_NAME, world_size, config.controller_options(),
-                                          hook=MetricsHook(self.metrics))
+                                          hook=self.metrics_hook)
         self.metrics.show(self.controller.view)
         self.follower = StoreFollower(store, self.controller, poll_s) if store is not None else None
 
+        self.recovery = None
+        self.store_address: str | None = None
+
+    def attach_recovery(self, recovery) -> None:
+        """Let the in-engine recovery hear which ranks each new epoch leaves out."""
+        self.recovery = recovery
+        self.metrics_hook.on_members = lambda view: recovery.exclude(
+            [r for r in range(view.world_size) if r not in view.live_ranks],
+            f"not a member of epoch {view.epoch}")
+
+    def _placement(self) -> dict[str, list[int]] | None:
+        view = self.controller.view
+        if view.epoch == 0:
+            if not self.num_experts:
+                return None
+            placement = contiguous(self.num_experts, list(view.live_ranks))
+        else:
+            members = epochs.published(self.follower.store, GROUP_NAME, view.epoch) \
+                if self.follower else None
+            if members is None:
+                return None
+            placement = members.placement
+        return {str(r): list(e) for r, e in placement.items()}
+
     def status(self) -> dict[str, Any]:
         status = self.controller.status()
-        if self.num_experts:
-            placement = contiguous(self.num_experts, list(self.controller.view.live_ranks)) \
-                if self.controller.view.epoch == 0 else None
-            status["expert_placement"] = (
-                {str(r): list(e) for r, e in placement.items()} if placement else "see epoch members")
+        status["expert_placement"] = self._placement()
+        if self.recovery is not None:
+            status["recovery"] = self.recovery.status()
         status["watchdog"] = {"deadline_s": self.config.deadline_s,
                               "heartbeat_interval_s": self.config.heartbeat_interval_s,
-                              "store": bool(self.follower)}
+                              "store": self.store_address}
         status["events"] = self.controller.events[-20:]
         return status
 
@@ -194,6 +222,13 @@ class ElasticFTEndpoints:
         hf = vllm_config.model_config.hf_config
         experts = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
         state.elastic_ft = FrontEndGroup(store, world, experts, config)
+        state.elastic_ft.store_address = address
+        if config.in_engine_rebuild and store is not None:
+            from vllm_elastic_ft.vllm.frontend_recovery import install
+
+            recovery = install(config.min_live_ranks)
+            recovery.bind_llm(engine_client)
+            state.elastic_ft.attach_recovery(recovery)
         if state.elastic_ft.follower is not None:
             state.elastic_ft.follower.start()
         logger.info("vllm-elastic-ft: following DP group %s (%d ranks) through %s",

@@ -7,7 +7,9 @@ all2all manager on CPU) dispatches with ``all_gatherv`` and combines with
 ``reduce_scatterv`` on the DP group. These patches add both to ``CpuCommunicator``
 (only that class: GPU communicators keep their own), implemented over gloo in
 :mod:`vllm_elastic_ft.comm.cpu_collectives`, each under the worker's rank
-watchdog (a deadline, a bounded wait, a FaultReport naming a failed rank).
+watchdog (a deadline, a bounded wait, a FaultReport naming a failed rank). With
+``in_engine_rebuild`` they run on the worker's elastic group
+(``vllm/worker_group.py``), over the live members only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from vllm_elastic_ft.comm import cpu_collectives
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
+from vllm_elastic_ft.vllm.worker_group import worker_group
 from vllm_elastic_ft.vllm.worker_watchdog import process_watchdog
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 
@@ -66,8 +69,11 @@ def _make_all_gatherv(original: Callable[..., Any]) -> Callable[..., Any]:
         _check_dim(dim, "all_gatherv")
         tensors = [input_] if isinstance(input_, torch.Tensor) else list(input_)
         sizes = _sizes_or_equal(sizes, tensors[0].shape[0], self.world_size)
+        group = worker_group(self.rank_in_group, self.world_size)
         watchdog = process_watchdog(self.rank_in_group, self.world_size)
-        if watchdog is None:
+        if group is not None:
+            gathered = group.all_gatherv(tensors, sizes)
+        elif watchdog is None:
             gathered = cpu_collectives.all_gatherv(tensors, sizes, self.device_group)
         else:
             gathered = guarded_dispatch(watchdog, tensors, sizes, self.device_group)
@@ -84,6 +90,9 @@ def _make_reduce_scatterv(original: Callable[..., Any]) -> Callable[..., Any]:
         _check_dim(dim, "reduce_scatterv")
         if sizes is None:
             sizes = [input_.shape[0] // self.world_size] * self.world_size
+        group = worker_group(self.rank_in_group, self.world_size)
+        if group is not None:
+            return group.reduce_scatterv(input_, sizes, config.cpu_dispatch)
         watchdog = process_watchdog(self.rank_in_group, self.world_size)
         if watchdog is None:
             return cpu_collectives.reduce_scatterv(

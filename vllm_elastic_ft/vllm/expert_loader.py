@@ -1,0 +1,165 @@
+"""Give a surviving vLLM worker the experts of a lost rank, read from the checkpoint.
+
+After a shrink, every logical expert must still have a live replica. The
+placement solver names the orphaned experts each survivor takes; this module
+loads exactly those (no other weight is touched) into each MoE layer of the
+running model:
+
+1. read ``<layer>.<e>.{gate,up,down}`` weights from the checkpoint's
+   safetensors files (the two naming conventions of vLLM's MoE checkpoints:
+   ``gate_proj/up_proj/down_proj`` — Qwen, DeepSeek — and ``w1/w3/w2`` —
+   Mixtral, PhiMoE);
+2. lay them out as the layer's kernel expects (``w13 = [gate; up]``, the
+   intermediate dim zero-padded to the kernel's alignment, then the CPU kernel's
+   prepack — prepacking works per expert, so new experts are packed alone and
+   appended);
+3. append them to ``w13_weight``/``w2_weight`` and point the layer's expert map
+   at the new local slots (``RoutedExperts.update_expert_map_info``), which the
+   next forward reads.
+
+Targets vLLM 0.32.0's ``RoutedExperts`` / ``ExpertMapManager`` and
+``CPUUnquantizedExperts`` (unquantized CPU MoE). Quantized or zentorch layers
+are refused with a clear error rather than loaded wrong.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_elastic_ft.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+#: (gate, up, down) weight names of one expert, per checkpoint convention.
+EXPERT_WEIGHT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+class ExpertLoadError(RuntimeError):
+    """An orphaned expert could not be loaded (missing weights, unsupported layer)."""
+
+
+def moe_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's routed-expert modules (vLLM's ``RoutedExperts``), in model order."""
+    return [m for m in model.modules()
+            if hasattr(m, "expert_map_manager") and hasattr(m, "w13_weight")
+            and hasattr(m, "layer_name")]
+
+
+def local_experts(layer: torch.nn.Module) -> list[int]:
+    """Global ids of the experts ``layer`` computes on this rank."""
+    expert_map = layer.expert_map_manager.expert_map
+    if expert_map is None:
+        return list(range(layer.expert_map_manager.global_num_experts))
+    return torch.where(expert_map != -1)[0].tolist()
+
+
+@dataclass
+class CheckpointIndex:
+    """Which safetensors file holds which tensor, for a local checkpoint directory."""
+
+    directory: str
+    files: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls, directory: str) -> CheckpointIndex:
+        from safetensors import safe_open
+
+        paths = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+        if not paths:
+            raise ExpertLoadError(f"no *.safetensors files in {directory!r}: cannot load orphaned "
+                                  "experts (a local checkpoint directory is needed)")
+        index = cls(directory)
+        for path in paths:
+            with safe_open(path, framework="pt") as f:
+                index.files.update({name: path for name in f.keys()})
+        return index
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, wanted in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in wanted})
+        return out
+
+
+def _expert_names(index: CheckpointIndex, layer_name: str, expert: int) -> tuple[str, str, str]:
+    for gate, up, down in EXPERT_WEIGHT_NAMES:
+        names = tuple(f"{layer_name}.{expert}.{n}.weight" for n in (gate, up, down))
+        if all(n in index.files for n in names):
+            return names  # type: ignore[return-value]
+    raise ExpertLoadError(
+        f"{layer_name}: expert {expert} not found in the checkpoint under any of "
+        f"{[c for c in EXPERT_WEIGHT_NAMES]} (fused or renamed expert weights are not supported)")
+
+
+def _kernel_of(layer: torch.nn.Module):
+    kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+    experts = getattr(kernel, "fused_experts", None)
+    if experts is None or not hasattr(experts, "isa"):
+        raise ExpertLoadError(f"{layer.layer_name}: not an unquantized CPU MoE layer "
+                              f"({type(experts).__name__}); orphan loading supports those only")
+    if getattr(experts, "_use_zentorch", False):
+        raise ExpertLoadError(f"{layer.layer_name}: zentorch MoE layers are not supported")
+    return experts
+
+
+def load_experts(layer: torch.nn.Module, experts: list[int], index: CheckpointIndex) -> None:
+    """Append ``experts`` (global ids not held yet) to ``layer`` and map them to their slots."""
+    if not experts:
+        return
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.utils import replace_parameter
+
+    kernel = _kernel_of(layer)
+    names = [_expert_names(index, layer.layer_name, e) for e in experts]
+    weights = index.read([n for triple in names for n in triple])
+    dtype = layer.w13_weight.dtype
+    padded = kernel._padded_intermediate_size(kernel.moe_config)
+    w13_rows, w2_rows = [], []
+    for gate_name, up_name, down_name in names:
+        gate, up, down = weights[gate_name], weights[up_name], weights[down_name]
+        inter, hidden = gate.shape
+        w13 = torch.zeros(2 * padded, hidden, dtype=dtype)
+        w13[:inter] = gate
+        w13[padded:padded + inter] = up
+        w2 = torch.zeros(hidden, padded, dtype=dtype)
+        w2[:, :inter] = down
+        w13_rows.append(w13)
+        w2_rows.append(w2)
+    new13 = cpu_prepack_moe_weight(torch.stack(w13_rows), kernel.isa)
+    new2 = cpu_prepack_moe_weight(torch.stack(w2_rows), kernel.isa)
+    first_slot = layer.w13_weight.shape[0]
+    replace_parameter(layer, "w13_weight", torch.cat([layer.w13_weight.data, new13]))
+    replace_parameter(layer, "w2_weight", torch.cat([layer.w2_weight.data, new2]))
+    manager = layer.expert_map_manager
+    manager._expert_map[torch.tensor(experts)] = torch.arange(
+        first_slot, first_slot + len(experts), dtype=manager._expert_map.dtype)
+    if manager._expert_mask is not None:
+        manager._expert_mask[torch.tensor(experts)] = 1
+    manager._local_num_experts = first_slot + len(experts)
+    layer.update_expert_map_info()
+    layer.moe_config.num_local_experts = manager._local_num_experts
+
+
+def load_orphans(model: torch.nn.Module, experts: list[int], checkpoint_dir: str) -> int:
+    """Load ``experts`` into every MoE layer of ``model``; returns the parameters added."""
+    if not experts:
+        return 0
+    index = CheckpointIndex.scan(checkpoint_dir)
+    layers = moe_layers(model)
+    before = sum(l.w13_weight.numel() + l.w2_weight.numel() for l in layers)
+    for layer in layers:
+        load_experts(layer, [e for e in experts if e not in local_experts(layer)], index)
+    added = sum(l.w13_weight.numel() + l.w2_weight.numel() for l in layers) - before
+    logger.warning("loaded orphaned experts %s into %d MoE layers from %s (+%d parameters)",
+                   experts, len(layers), checkpoint_dir, added)
+    return added

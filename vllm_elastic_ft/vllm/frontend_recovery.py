@@ -1,0 +1,175 @@
+"""The API server's side of an in-engine rebuild: route around lost engines, lose no request.
+
+One object per API-server process. It learns that DP rank ``k`` is lost from
+either of two sources — its engine process exited (``monitor_engine_liveness``
+patch) or the group's members at a new epoch leave it out (the store follower,
+via :meth:`FrontEndRecovery.exclude`) — and then, on the AsyncLLM event loop:
+
+1. stops routing to ``k`` (``patches/request_routing.py`` skips lost engines;
+   utility calls go to live engines only);
+2. re-submits every request that was in flight on ``k`` to a live engine, as a
+   continuation: prompt + the tokens already streamed to the client, with
+   ``max_tokens`` (and ``min_tokens``) lowered by as many. The request keeps its
+   id, so the client's stream just goes on; anything ``k`` still sends for it
+   is dropped. Output-token penalties and per-request seeds restart from the
+   continuation point (documented limit).
+
+Requests are cached (the ``EngineCoreRequest`` the client sent) from routing to
+completion, since vLLM's front end keeps only part of a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from vllm_elastic_ft.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+
+class FrontEndRecovery:
+    def __init__(self, min_live_ranks: int = 1) -> None:
+        self.min_live_ranks = min_live_ranks
+        self.lost: set[int] = set()
+        self.requests: dict[str, Any] = {}  # request id -> EngineCoreRequest, until finished
+        self.moved: set[str] = set()  # re-submitted: the lost engine's late outputs are dropped
+        self.resubmitted = 0
+        self.events: list[dict] = []
+        self.client = None
+        self.llm = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- binding
+    def bind_client(self, client) -> None:
+        """The DP load-balancing client (called on the event loop, at the first request)."""
+        if self.client is None:
+            self.client = client
+            self.loop = asyncio.get_running_loop()
+
+    def bind_llm(self, llm) -> None:
+        """The AsyncLLM (its output processor holds what each request generated so far)."""
+        self.llm = llm
+
+    # ---------------------------------------------------------- lost ranks
+    def engine_exited(self, rank: int, exitcode: int | None) -> None:
+        """An engine process exited (called from vLLM's engine monitor thread)."""
+        self._lose(rank, f"engine process exited with code {exitcode}")
+
+    def exclude(self, ranks, reason: str) -> None:
+        """The group's agreed members leave ``ranks`` out (called from the store follower)."""
+        for rank in ranks:
+            self._lose(rank, reason)
+
+    def _lose(self, rank: int, reason: str) -> None:
+        with self._lock:
+            if rank in self.lost:
+                return
+            self.lost.add(rank)
+        self.events.append({"t": time.time(), "event": "rank_lost", "rank": rank,
+                            "reason": reason})
+        logger.warning("front end: DP rank %d lost (%s); routing around it", rank, reason)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._move_requests(rank)))
+
+    def is_lost(self, index: int) -> bool:
+        return index in self.lost
+
+    def live_indexes(self, count: int) -> list[int]:
+        return [i for i in range(count) if i not in self.lost]
+
+    # --------------------------------------------------------- re-submission
+    async def _move_requests(self, rank: int) -> None:
+        client = self.client
+        identity = client.core_engines[rank]
+        if client.core_engine == identity:
+            live = self.live_indexes(len(client.core_engines))
+            if live:
+                client.core_engine = client.core_engines[live[0]]
+        stranded = [rid for rid, engine in list(client.reqs_in_flight.items())
+                    if engine == identity]
+        for rid in stranded:
+            client.reqs_in_flight.pop(rid, None)
+            client.engine_inflight[identity] -= 1
+        moved = 0
+        for rid in stranded:
+            request = self.requests.get(rid)
+            continuation = self._continuation(rid, request) if request is not None else None
+            if continuation is None:
+                continue
+            self.moved.add(rid)
+            try:
+                await client.add_request_async(continuation)
+                moved += 1
+            except Exception:
+                logger.exception("front end: could not re-submit request %s", rid)
+        self.resubmitted += moved
+        self.events.append({"t": time.time(), "event": "requests_resubmitted", "rank": rank,
+                            "count": moved, "stranded": len(stranded)})
+        logger.warning("front end: re-submitted %d of %d request(s) stranded on DP rank %d",
+                       moved, len(stranded), rank)
+
+    def _continuation(self, rid: str, request):
+        """``request`` continued after the tokens its client already has, or None if done."""
+        import msgspec
+
+        state = self.llm.output_processor.request_states.get(rid) if self.llm else None
+        generated: list[int] = []
+        if state is not None and state.detokenizer is not None:
+            generated = list(state.detokenizer.output_token_ids)
+        params = request.sampling_params
+        if params is None:  # pooling: nothing generated, run it again
+            return msgspec.structs.replace(request)
+        remaining = (params.max_tokens or 0) - len(generated)
+        if params.max_tokens is not None and remaining <= 0:
+            return None
+        params = params.clone()
+        if params.max_tokens is not None:
+            params.max_tokens = remaining
+        params.min_tokens = max(0, params.min_tokens - len(generated))
+        params.prompt_logprobs = None
+        return msgspec.structs.replace(
+            request, prompt_token_ids=list(request.prompt_token_ids or []) + generated,
+            sampling_params=params, data_parallel_rank=None)
+
+    # ------------------------------------------------------------- outputs
+    def remember(self, request) -> None:
+        self.requests[request.request_id] = request
+
+    def finished(self, request_ids) -> None:
+        for rid in request_ids:
+            self.requests.pop(rid, None)
+            self.moved.discard(rid)
+
+    def drop_late_outputs(self, outputs) -> None:
+        """Outputs a lost engine still sent for requests that now run elsewhere."""
+        if outputs.engine_index not in self.lost or not self.moved:
+            return
+        if outputs.outputs:
+            outputs.outputs = [o for o in outputs.outputs if o.request_id not in self.moved]
+        if outputs.finished_requests:
+            outputs.finished_requests = {r for r in outputs.finished_requests
+                                         if r not in self.moved} or None
+
+    def status(self) -> dict:
+        return {"lost_ranks": sorted(self.lost), "requests_resubmitted": self.resubmitted,
+                "events": self.events[-20:]}
+
+
+_recovery: FrontEndRecovery | None = None
+
+
+def install(min_live_ranks: int = 1) -> FrontEndRecovery:
+    """Switch in-engine recovery on in this API server (the endpoint plugin does, once it
+    knows the config); until then every patch on the front end behaves as stock vLLM."""
+    global _recovery
+    if _recovery is None:
+        _recovery = FrontEndRecovery(min_live_ranks)
+    return _recovery
+
+
+def frontend_recovery() -> FrontEndRecovery | None:
+    return _recovery

@@ -1,0 +1,70 @@
+"""Let the DP engine cores keep syncing after one of them is lost.
+
+Every few steps the DP engine cores all-reduce "any work left / everyone
+pausing?" over a gloo group (``ParallelConfig.sync_dp_state``, called only from
+``DPEngineCoreProc._has_global_unfinished_reqs``, vLLM 0.32.0). After a rank
+loss that group has a dead member and its store lives in DP rank 0's engine.
+With ``in_engine_rebuild`` the sync runs on the plugin's epoch-scoped engine
+group instead (``vllm/engine_group.py``), which follows the workers' rebuilds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from vllm_elastic_ft.vllm.engine_group import engine_group
+from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.process_config import process_config
+
+SYNC_DP_STATE = PatchSpec(
+    target="vllm.config.parallel:ParallelConfig.sync_dp_state",
+    why="The engines' DP sync runs on a group with no timeout whose store lives in rank 0: "
+    "after a rank loss it errors (or blocks) and the surviving engines die.",
+    how="Run the same SUM all-reduce on the plugin's engine group, which adopts the "
+    "workers' agreed members at each new epoch; a failed sync answers 'work remains'.",
+    upstream="vllm-project/vllm#39863, #30112",
+    remove_when="vLLM's engine DP group can shrink around a lost engine.",
+    params=("dp_group", "has_unfinished", "pending_pause"),
+)
+
+HAS_GLOBAL_UNFINISHED = PatchSpec(
+    target="vllm.v1.engine.core:DPEngineCoreProc._has_global_unfinished_reqs",
+    why="The engine group needs the engine object to hand rank 0's wave duty to a survivor.",
+    how="Bind the engine to its group, then run the stock method.",
+    upstream="vllm-project/vllm#39863",
+    remove_when="vLLM's engine DP group can shrink around a lost engine.",
+    params=("self", "local_unfinished"),
+)
+
+SPECS = (SYNC_DP_STATE, HAS_GLOBAL_UNFINISHED)
+
+
+def _group_for(dp_group):
+    if not process_config().enabled or dp_group is None or dp_group.size() < 2:
+        return None
+    return engine_group(dp_group.rank(), dp_group.size())
+
+
+def _make_sync_dp_state(original: Callable[..., Any]) -> Callable[..., Any]:
+    def sync_dp_state(dp_group, has_unfinished: bool, pending_pause: bool):
+        group = _group_for(dp_group)
+        if group is None:
+            return original(dp_group, has_unfinished, pending_pause)
+        return group.sync_state(has_unfinished, pending_pause)
+
+    return sync_dp_state
+
+
+def _make_has_global_unfinished(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _has_global_unfinished_reqs(self, local_unfinished: bool) -> bool:
+        group = _group_for(getattr(self, "dp_group", None))
+        if group is not None and group.engine is None:
+            group.bind(self)
+        return original(self, local_unfinished)
+
+    return _has_global_unfinished_reqs
+
+
+def apply() -> None:
+    apply_patch(SYNC_DP_STATE, _make_sync_dp_state, kind="staticmethod")
+    apply_patch(HAS_GLOBAL_UNFINISHED, _make_has_global_unfinished)

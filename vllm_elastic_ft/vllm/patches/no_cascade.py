@@ -1,0 +1,102 @@
+"""One engine's death no longer takes the whole deployment down.
+
+Stock vLLM 0.32.0 ends every engine when one exits: the API server's engine
+monitor (``CoreEngineProcManager.monitor_engine_liveness``) stops at the first
+dead engine and shuts all of them down, and a dying engine's
+``ENGINE_CORE_DEAD`` frame marks the whole client dead
+(``BackgroundResources.validate_alive``). With in-engine recovery switched on
+in the API server (``frontend_recovery.install``):
+
+* the monitor hands a lost engine to the recovery (route around it, move its
+  requests) and keeps watching the others; it still shuts everything down when
+  no engine is left, when fewer than ``min_live_ranks`` remain, or when the
+  recovery is switched off;
+* an engine leaving a group that rebuilds in place does not send
+  ``ENGINE_CORE_DEAD`` (it is not the client's death; the monitor sees the
+  process exit).
+"""
+
+from __future__ import annotations
+
+from multiprocessing import connection
+from typing import Any, Callable
+
+from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.vllm.frontend_recovery import frontend_recovery
+from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.process_config import process_config
+
+logger = get_logger(__name__)
+
+MONITOR = PatchSpec(
+    target="vllm.v1.engine.utils:CoreEngineProcManager.monitor_engine_liveness",
+    why="The first engine that exits makes the API server shut down every engine.",
+    how="On an engine exit, hand its DP rank to the front-end recovery and keep watching; "
+    "shut down (as stock) only when no tolerable group is left.",
+    upstream="vllm-project/vllm#39863, #30112",
+    remove_when="vLLM tolerates the loss of one DP engine.",
+    params=("self",),
+)
+
+SEND_ENGINE_DEAD = PatchSpec(
+    target="vllm.v1.engine.core:EngineCoreProc._send_engine_dead",
+    why="ENGINE_CORE_DEAD from any one engine marks the whole DP client dead.",
+    how="Skip the frame when this engine belongs to a DP group that rebuilds in place.",
+    upstream="vllm-project/vllm#39863",
+    remove_when="vLLM tolerates the loss of one DP engine.",
+    params=("self",),
+)
+
+SPECS = (MONITOR, SEND_ENGINE_DEAD)
+
+
+def _rank_of(proc, index: int) -> int:
+    name = getattr(proc, "name", "") or ""
+    suffix = name.rsplit("_DP", 1)[-1]
+    return int(suffix) if "_DP" in name and suffix.isdigit() else index
+
+
+def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
+    def monitor_engine_liveness(self) -> None:
+        if len(self.processes) < 2:
+            return original(self)
+        by_sentinel = {p.sentinel: (p, _rank_of(p, i)) for i, p in enumerate(self.processes)}
+        while by_sentinel and not self.manager_stopped.is_set():
+            for sentinel in connection.wait(list(by_sentinel), timeout=1):
+                proc, rank = by_sentinel.pop(sentinel)
+                if self.manager_stopped.is_set():
+                    continue
+                # Asked at each death, not at start: the recovery is installed
+                # once the API server knows its config, after this thread starts.
+                recovery = frontend_recovery()
+                if recovery is None or len(by_sentinel) < recovery.min_live_ranks:
+                    self.failed_proc_name = proc.name
+                    if recovery is not None:
+                        logger.error("engine %s exited (code %s): fewer than %d engines remain; "
+                                     "shutting down", proc.name, proc.exitcode,
+                                     recovery.min_live_ranks)
+                    self.shutdown()
+                    return
+                recovery.engine_exited(rank, proc.exitcode)
+        self.shutdown()
+
+    return monitor_engine_liveness
+
+
+def _make_send_engine_dead(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _send_engine_dead(self) -> None:
+        config = process_config()
+        dp_size = self.vllm_config.parallel_config.data_parallel_size \
+            if hasattr(self, "vllm_config") else 1
+        if config.enabled and config.in_engine_rebuild and config.watchdog and dp_size > 1:
+            logger.warning("engine leaving its DP group; not sending ENGINE_CORE_DEAD (the "
+                           "group rebuilds without it)")
+            return None
+        return original(self)
+
+    return _send_engine_dead
+
+
+def apply() -> None:
+    apply_patch(MONITOR, _make_monitor)
+    apply_patch(SEND_ENGINE_DEAD, _make_send_engine_dead)
