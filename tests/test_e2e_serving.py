@@ -1,5 +1,6 @@
 """CPU wide-EP through real vLLM servers: DP+EP serves the same greedy tokens as DP=1,
-and the rank watchdog names a killed worker.
+and the rank watchdog names a killed worker (the group then shrinks in place; the
+full in-engine recovery checks are in test_e2e_in_engine.py).
 
 Each server is a real ``vllm.entrypoints.openai.api_server`` with the plugin on
 the tiny float32 MoE. Start-ups dominate (tens of seconds each on 2 cores), so
@@ -36,14 +37,6 @@ def _greedy(server: VLLMServer) -> list[list[int]]:
     return [server.greedy_tokens(p, MAX_TOKENS) for p in PROMPTS]
 
 
-@pytest.fixture(scope="session")
-def reference_tokens(tiny_moe_path, tmp_path_factory) -> list[list[int]]:
-    log = tmp_path_factory.mktemp("dp1") / "server.log"
-    with VLLMServer(ServerSpec(tiny_moe_path, data_parallel_size=1), log) as server:
-        server.wait_ready()
-        return _greedy(server)
-
-
 def _check_placement(log: str, dp: int) -> None:
     assert "NotImplementedError" not in log
     # Every rank holds and computes exactly its contiguous share of the 8 experts.
@@ -65,15 +58,9 @@ def _check_placement(log: str, dp: int) -> None:
 
 @pytest.fixture(scope="module")
 def dp2_server(tiny_moe_path, tmp_path_factory):
-    """One DP=2 EP server for the correctness test and then the kill test (which ends it).
-
-    VLLM_KEEP_ALIVE_ON_ENGINE_DEATH keeps the API server up after stock vLLM's
-    engine shutdown cascade (which the plugin does not replace yet), so that what
-    the front end shows about the group can be read after the kill.
-    """
+    """One DP=2 EP server for the correctness test and then the kill test (which shrinks it)."""
     spec = ServerSpec(tiny_moe_path, data_parallel_size=2, expert_parallel=True,
-                      extra_args=["--elastic-ft-heartbeat-interval-s", "0.05"],
-                      env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+                      extra_args=["--elastic-ft-heartbeat-interval-s", "0.05"])
     with VLLMServer(spec, tmp_path_factory.mktemp("dp2") / "server.log") as server:
         server.wait_ready()
         yield server
@@ -100,40 +87,32 @@ def test_dp2_killed_worker_is_reported_by_the_survivor_within_1s(dp2_server):
     load.start()
     time.sleep(1.0)  # traffic is flowing through dispatch/combine
     injection = faults.signal_process("kill", victim, 1)
-    report, fenced_status, health_codes = None, None, set()
+    report, status = None, {}
     deadline = time.monotonic() + 15
-    while (report is None or fenced_status is None) and time.monotonic() < deadline:
+    while (report is None or status.get("state") != "HEALTHY") and time.monotonic() < deadline:
         found = [r for r in fault_reports(dp2_server.log_text()) if r["reporter"] == 0]
         report = found[0] if found else report
         try:
             status = dp2_server.get_json("/elastic_ft/status", timeout_s=1)
-            if status["state"] == "FENCED":
-                fenced_status = status
         except OSError:
             pass
-        health_codes.add(dp2_server.health())
         time.sleep(0.05)
     assert report is not None, dp2_server.log_tail(60)
     assert report["suspects"] == [1] and report["kind"] == "dead"
     assert report["group"] == "dp" and report["epoch"] == 0
     assert report["detected_at"] - injection.at < 1.0, report
-    # The front end followed the group: fenced, epoch 1, rank 1 out, /health 503.
-    assert fenced_status is not None, "the API server never showed the group FENCED"
-    assert fenced_status["epoch"] == 1 and fenced_status["live_ranks"] == [0]
-    assert fenced_status["last_report"]["suspects"] == [1] and 503 in health_codes
+    # The front end followed the group: fenced at epoch 1 without rank 1, then serving again.
+    assert status["epoch"] == 1 and status["live_ranks"] == [0], status
+    assert status["last_report"]["suspects"] == [1]
+    states = [e["state"] for e in status["events"]]
+    assert states.index("FENCED") < states.index("READY") < states.index("HEALTHY"), states
+    metrics = dp2_server.get_text("/metrics")
+    assert 'elastic_ft_group_epoch{group="dp"} 1.0' in metrics
+    assert 'elastic_ft_recoveries_total{group="dp"} 1.0' in metrics
     # The report is the survivor worker's own log line (the counter rides in "#1").
     line = next(l for l in dp2_server.log_text().splitlines() if "FaultReport #1" in l)
     assert f"pid={survivor})" in line and "Worker_DP0" in line
     load.join(timeout=90)
-
-
-def test_dp4_ep_matches_dp1_and_shards_experts(tiny_moe_path, reference_tokens, tmp_path):
-    spec = ServerSpec(tiny_moe_path, data_parallel_size=4, expert_parallel=True)
-    with VLLMServer(spec, tmp_path / "server.log") as server:
-        server.wait_ready()
-        assert _greedy(server) == reference_tokens
-        log = server.log_text()
-    _check_placement(log, 4)
 
 
 def test_bad_config_key_stops_startup_before_model_load(tiny_moe_path):

@@ -184,6 +184,11 @@ class VLLMServer:
         except (urllib.error.URLError, OSError):
             return None
 
+    def get_text(self, path: str, timeout_s: float = 5.0) -> str:
+        """``GET path`` and its body as text (raises on a non-2xx answer)."""
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
+            return resp.read().decode()
+
     def get_json(self, path: str, timeout_s: float = 5.0) -> dict:
         """``GET path`` and its JSON body (raises on a non-2xx answer)."""
         with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
