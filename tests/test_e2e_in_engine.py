@@ -12,6 +12,7 @@ In order, on the same server:
    within its budget, never hangs, and if it serves its outputs are correct.
 """
 
+import re
 import threading
 import time
 
@@ -22,7 +23,7 @@ from vllm_elastic_ft.loadgen import run_load
 from vllm_elastic_ft.reports_in_logs import fault_reports
 from vllm_elastic_ft.testing.server import ServerSpec, VLLMServer
 
-from test_e2e_serving import MAX_TOKENS, PROMPTS, _check_placement, _greedy
+from test_e2e_serving import PROMPTS, _check_placement, _greedy
 
 pytestmark = pytest.mark.e2e
 
@@ -91,7 +92,10 @@ def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_t
     assert set(placement) == {"1", "2", "3"}
     assert 0 in status["recovery"]["lost_ranks"]
     log = dp4_server.log_text()
-    assert "loaded orphaned experts [0, 1]" in log
+    # Rank 0's experts (0 and 1), and only those, were loaded from the checkpoint.
+    loaded = [int(e) for group in re.findall(r"loaded orphaned experts \[([\d, ]+)\]", log)
+              for e in group.split(", ")]
+    assert sorted(loaded) == [0, 1], loaded
     assert "re-submitted" in log
     # Outputs after recovery equal the DP=1 reference.
     assert _greedy(dp4_server) == reference_tokens
@@ -114,14 +118,24 @@ def test_second_fault_during_rebuild_ends_in_ready_or_failed(dp4_server, referen
     time.sleep(0.3)  # the survivors sit in their (held) rebuild
     faults.signal_process("kill", second, 2)
     started = time.monotonic()
-    final = _wait_status(dp4_server, lambda s: s["state"] in ("HEALTHY", "FAILED")
-                         and s["epoch"] >= 3, BUDGET_S + 10)
-    assert time.monotonic() - started < BUDGET_S + 10
+    final: dict = {}
+    while time.monotonic() - started < BUDGET_S + 10:
+        if dp4_server.proc.poll() is not None:
+            final = {"state": "FAILED", "reason": "the deployment shut itself down"}
+            break
+        try:
+            final = dp4_server.get_json("/elastic_ft/status", timeout_s=1)
+        except OSError:
+            final = {}
+        if final.get("state") == "FAILED" or (final.get("state") == "HEALTHY"
+                                              and final["live_ranks"] == [1]):
+            break
+        time.sleep(0.05)
+    # Settled one way or the other within the budget: never a hang.
+    assert final.get("state") in ("HEALTHY", "FAILED"), final
     faults.set_rebuild_delay(store, "dp", 0)
     load.join(timeout=180)
     if final["state"] == "HEALTHY":
-        assert final["live_ranks"] == [1]
         assert results and results[0].failed == 0, results
+        assert sorted(e for v in final["expert_placement"].values() for e in v) == list(range(8))
         assert _greedy(dp4_server) == reference_tokens
-    else:
-        assert "FAILED" in final["state"]

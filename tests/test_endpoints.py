@@ -71,13 +71,20 @@ def test_fault_report_fences_then_rebuild_readmits(setup):
     assert client.get("/elastic_ft/status").status_code == 200
     # The ranks agree on epoch 1 without rank 2: the front end sees READY.
     store.set("eft/dp/epoch", "1")
-    store.set("eft/dp/e1/members", json.dumps({"members": [0, 1, 3], "leader": 0, "placement": {}}))
+    store.set("eft/dp/e1/members", json.dumps({"members": [0, 1, 3], "leader": 0, "placement": {
+        "0": [0, 1, 4], "1": [2, 3, 5], "3": [6, 7]}}))
     group.follower.poll()
     assert client.get("/health").status_code == 200
     assert client.get("/elastic_ft/status").json()["state"] == "READY"
     assert client.post("/v1/completions", json={}).status_code == 404  # let through (no such route here)
     assert _metric(registry, 'elastic_ft_recoveries_total{group="dp"}') == 1
     assert _metric(registry, 'elastic_ft_live_ranks{group="dp"}') == 3
+    status = client.get("/elastic_ft/status").json()
+    assert status["expert_placement"] == {"0": [0, 1, 4], "1": [2, 3, 5], "3": [6, 7]}
+    # The first step of epoch 1 ran on every member: serving again.
+    store.set("eft/dp/e1/serving", "0")
+    group.follower.poll()
+    assert client.get("/elastic_ft/status").json()["state"] == "HEALTHY"
 
 
 def test_no_group_means_status_disabled_and_stock_health():

@@ -41,8 +41,10 @@ PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5",
            "def f(x): return", "When one rank dies or hangs", "Questions and answers"]
 REFERENCE_TOKENS = 16
 #: Timeline events marked on the plot, with their short labels (the rest is in timeline.txt).
-_PLOTTED = (("fault:", "fault"), ("API server: group FENCED", "fenced"),
-            ("API server: group READY", "ready"), ("API server: group HEALTHY", "serving"),
+_PLOTTED = (("fault:", "fault"), ("group event: Fault -> FENCED", "fenced"),
+            ("group event: PeerFenced -> FENCED", "fenced"),
+            ("group event: RebuildDone -> READY", "ready"),
+            ("group event: Served -> HEALTHY", "serving"),
             ("orchestrator: group restart", "group restart"),
             ("orchestrator: group READY", "ready after restart"))
 
@@ -106,10 +108,11 @@ def _follow(deployment: Deployment, timeline: Timeline, stop: threading.Event,
     while not stop.is_set():
         status = deployment.status()
         state = status["state"] if status else "unreachable"
-        seen = (state, deployment.server.health() if status else None)
+        seen = (state, status["epoch"] if status else None,
+                deployment.server.health() if status else None)
         if seen != last:
-            epoch = f" epoch {status['epoch']}, ranks {status['live_ranks']}" if status else ""
-            timeline.add(f"API server: group {state},{epoch} /health {seen[1]}")
+            epoch = f" epoch {status['epoch']}, ranks {status['live_ranks']}," if status else ""
+            timeline.add(f"API server: group {state},{epoch} /health {seen[2]}")
             last = seen
             if on_state is not None:
                 on_state(state)
@@ -265,6 +268,14 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         after = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
         time.sleep(0.5)  # let a woken stale rank meet its fence before the final look
         final = deployment.status() or {}
+        if deployment.starts == 1:
+            # The API server's own transitions, timestamped where they happened
+            # (a poll can miss a state that lasts a few milliseconds).
+            for event in final.get("events", []):
+                if event["event"] != "start":
+                    timeline.add(f"group event: {event['event']} -> {event['state']} (epoch "
+                                 f"{event['epoch']}, ranks {event['live_ranks']}): "
+                                 f"{event['reason']}", event["t"])
         stop_following.set()
         threads[0].join(timeout=5)
         log_text = (out / "server-1.log").read_text(errors="replace")
@@ -278,11 +289,16 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         return round(at - fault_wall, 3) if at is not None and fault_wall is not None else None
 
     restarted = deployment.starts > 1
-    fenced_at = timeline.first("API server: group FENCED")
-    ready_in_engine = None if restarted or fenced_at is None else next(
-        (t for t, what in sorted(timeline.events)
-         if t > fenced_at and what.startswith(("API server: group READY",
-                                              "API server: group HEALTHY"))), None)
+    fenced_at = min(filter(None, (timeline.first("group event: Fault -> FENCED"),
+                                  timeline.first("group event: PeerFenced -> FENCED"),
+                                  timeline.first("API server: group FENCED"))), default=None)
+
+    def first_after(prefix: str) -> float | None:
+        return next((t for t, what in sorted(timeline.events)
+                     if fenced_at is not None and t >= fenced_at and what.startswith(prefix)), None)
+
+    ready_in_engine = None if restarted else first_after("group event: RebuildDone -> READY")
+    serving_again = None if restarted else first_after("group event: Served -> HEALTHY")
     result = {
         "label": label, "dp": args.dp, "fault": args.fault, "fault_rank": args.fault_rank,
         "second_fault_rank": args.second_fault_rank, "role": args.role,
@@ -291,6 +307,8 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         "fence_s": since_fault(fenced_at),
         "rebuild_s": since_fault(timeline.first("orchestrator: group READY") if restarted
                                  else ready_in_engine),
+        "serving_again_s": since_fault(timeline.first("orchestrator: group READY") if restarted
+                                       else serving_again),
         "interruption_s": round(_interruption_s(load, fault_wall, t0, t0_mono), 3) if fault_wall else None,
         "requests_sent": len(load.records), "requests_ok": load.ok, "requests_lost": load.failed,
         "requests_retried": sum(r.attempts > 1 for r in load.records),

@@ -137,7 +137,9 @@ class FrontEndRecovery:
 
     # ------------------------------------------------------------- outputs
     def remember(self, request) -> None:
-        self.requests[request.request_id] = request
+        # Only the client's original request: a continuation is always rebuilt from it
+        # (prompt + every token generated so far), however often the request moves.
+        self.requests.setdefault(request.request_id, request)
 
     def finished(self, request_ids) -> None:
         for rid in request_ids:

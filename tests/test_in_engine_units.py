@@ -1,0 +1,170 @@
+"""Unit tests of the in-engine recovery pieces that need no vLLM process.
+
+* ``group/epochs.advance``: survivors reach one membership and one placement,
+  in a real TCPStore, whoever arrives first; a late (stale) rank is refused.
+* ``worker_group._insert_dead_rows``: the logical-N layout of a dispatch result.
+* ``frontend_recovery``: the continuation of a stranded request, and dropping a
+  lost engine's late outputs (with small stand-ins for vLLM's request objects).
+* ``expert_loader``: finding an expert's weights in a real checkpoint.
+"""
+
+import threading
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from vllm_elastic_ft.group import epochs
+from vllm_elastic_ft.group.fencing import FencedError, current_epoch
+
+
+@pytest.fixture
+def store():
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=10))
+
+
+def _advance_all(store, old, ranks, suspects, window_s=2.0):
+    results, errors = {}, {}
+
+    def run(rank):
+        try:
+            results[rank] = epochs.advance(store, "dp", old, rank, suspects, 8, window_s, 10)
+        except Exception as err:  # collected and asserted on below
+            errors[rank] = err
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_survivors_agree_on_members_and_placement(store):
+    old = epochs.initial(4, 8)
+    results, errors = _advance_all(store, old, [0, 2, 3], {1})
+    assert not errors
+    assert {m.members for m in results.values()} == {(0, 2, 3)}
+    assert {m.epoch for m in results.values()} == {1} and current_epoch(store, "dp") == 1
+    placement = results[0].placement
+    assert all(m.placement == placement for m in results.values())
+    assert sorted(e for experts in placement.values() for e in experts) == list(range(8))
+    # Survivors keep what they held; only rank 1's experts moved.
+    for rank in (0, 2, 3):
+        assert set(old.placement[rank]) <= set(placement[rank])
+    assert epochs.published(store, "dp", 1) == results[0]
+
+
+def test_unreported_dead_rank_is_left_out_after_the_join_window(store):
+    old = epochs.initial(3, 8)
+    results, errors = _advance_all(store, old, [0, 1], set(), window_s=0.3)
+    assert not errors and {m.members for m in results.values()} == {(0, 1)}
+
+
+def test_a_rank_that_arrives_after_the_members_are_published_is_refused(store):
+    old = epochs.initial(2, 8)
+    _advance_all(store, old, [0], {1})
+    with pytest.raises(FencedError):
+        epochs.advance(store, "dp", old, 1, set(), 8, 0.1, 5)
+
+
+def test_a_rank_two_epochs_behind_builds_on_the_latest_placement(store):
+    old = epochs.initial(4, 8)
+    first, _ = _advance_all(store, old, [0, 1, 2], {3})
+    second, _ = _advance_all(store, first[0], [0, 1], {2})
+    assert second[0].members == (0, 1)
+    assert sorted(e for v in second[0].placement.values() for e in v) == list(range(8))
+
+
+def test_dead_ranks_get_zero_rows_in_a_dispatch_result():
+    from vllm_elastic_ft.vllm.worker_group import _insert_dead_rows
+
+    gathered = torch.arange(5).float().unsqueeze(1)  # rank 0: 2 rows, rank 2: 3 rows
+    out = _insert_dead_rows(gathered, [2, 1, 3], (0, 2))
+    assert out.squeeze(1).tolist() == [0, 1, 0, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ front end
+def _request(rid="r1", prompt=(1, 2, 3), params=None):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    return EngineCoreRequest(request_id=rid, prompt_token_ids=list(prompt), mm_features=None,
+                             sampling_params=params or SamplingParams(max_tokens=32, min_tokens=4),
+                             pooling_params=None, arrival_time=0.0, lora_request=None,
+                             cache_salt=None, data_parallel_rank=3)
+
+
+def _recovery_with_generated(rid, tokens):
+    from vllm_elastic_ft.vllm.frontend_recovery import FrontEndRecovery
+
+    recovery = FrontEndRecovery()
+    state = SimpleNamespace(detokenizer=SimpleNamespace(output_token_ids=list(tokens)))
+    recovery.bind_llm(SimpleNamespace(output_processor=SimpleNamespace(
+        request_states={rid: state})))
+    return recovery
+
+
+def test_a_stranded_request_continues_after_what_its_client_has():
+    recovery = _recovery_with_generated("r1", [7, 8, 9, 10, 11])
+    original = _request()
+    cont = recovery._continuation("r1", original)
+    assert cont.request_id == "r1" and cont.prompt_token_ids == [1, 2, 3, 7, 8, 9, 10, 11]
+    assert cont.sampling_params.max_tokens == 27 and cont.sampling_params.min_tokens == 0
+    assert cont.data_parallel_rank is None
+    assert original.sampling_params.max_tokens == 32, "the cached request is not modified"
+
+
+def test_a_request_moved_twice_continues_from_the_original():
+    recovery = _recovery_with_generated("r1", [7, 8])
+    original = _request()
+    recovery.remember(original)
+    first = recovery._continuation("r1", recovery.requests["r1"])
+    recovery.remember(first)  # the re-submission is routed (and seen) like any request
+    recovery.llm.output_processor.request_states["r1"].detokenizer.output_token_ids += [9]
+    second = recovery._continuation("r1", recovery.requests["r1"])
+    assert second.prompt_token_ids == [1, 2, 3, 7, 8, 9]
+    assert second.sampling_params.max_tokens == 29
+
+
+def test_a_request_that_already_has_all_its_tokens_is_not_resubmitted():
+    from vllm.sampling_params import SamplingParams
+
+    recovery = _recovery_with_generated("r1", list(range(8)))
+    assert recovery._continuation("r1", _request(params=SamplingParams(max_tokens=8))) is None
+
+
+def test_late_outputs_of_a_lost_engine_are_dropped_only_for_moved_requests():
+    from vllm_elastic_ft.vllm.frontend_recovery import FrontEndRecovery
+
+    recovery = FrontEndRecovery()
+    recovery.lost.add(1)
+    recovery.moved.add("moved")
+    outputs = SimpleNamespace(engine_index=1,
+                              outputs=[SimpleNamespace(request_id="moved"),
+                                       SimpleNamespace(request_id="kept")],
+                              finished_requests={"moved", "kept"})
+    recovery.drop_late_outputs(outputs)
+    assert [o.request_id for o in outputs.outputs] == ["kept"]
+    assert outputs.finished_requests == {"kept"}
+    live = SimpleNamespace(engine_index=0, outputs=[SimpleNamespace(request_id="moved")],
+                           finished_requests=None)
+    recovery.drop_late_outputs(live)
+    assert len(live.outputs) == 1
+
+
+# -------------------------------------------------------------- checkpoint
+def test_expert_weights_are_found_in_the_tiny_checkpoint(tiny_moe_path):
+    from vllm_elastic_ft.vllm.expert_loader import CheckpointIndex, ExpertLoadError, _expert_names
+
+    index = CheckpointIndex.scan(tiny_moe_path)
+    gate, up, down = _expert_names(index, "model.layers.0.mlp.experts", 5)
+    weights = index.read([gate, up, down])
+    assert weights[gate].shape == weights[up].shape and weights[down].shape[::-1] == weights[gate].shape
+    with pytest.raises(ExpertLoadError, match="expert 99 not found"):
+        _expert_names(index, "model.layers.0.mlp.experts", 99)
+    with pytest.raises(ExpertLoadError, match="no \\*.safetensors"):
+        CheckpointIndex.scan("/nonexistent")
