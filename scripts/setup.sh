@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${ELASTIC_FT_EXTRAS:-cpu,test}"
+EXTRAS="${ELASTIC_FT_EXTRAS:-cpu,test,ray}"
 PY="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.elastic-ft-setup"

@@ -1,0 +1,140 @@
+"""The Ray Serve LLM adapter on real Ray Serve 2.60 with real vLLM CPU engines.
+
+One Ray start-up for the file: two gangs (DP groups) of DP=2 with EP, tiny MoE,
+behind Ray Serve LLM's OpenAI ingress, built with ``build_elastic_dp_openai_app``.
+Clients never retry here: any failed request is a client error.
+
+1. SIGKILL of rank 1's worker in gang A under load: gang A fences and heals in
+   place (its rank 0 keeps its engine and serves again), the dead rank's replica
+   leaves routing and forwards what reaches it, gang B keeps serving; no client
+   error, and Ray does not restart gang A.
+2. An unrecoverable state (gang A's last rank killed): its ``check_health`` fails,
+   Ray restarts gang A (new gang id), gang B serves meanwhile; no client error.
+"""
+
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("ray.serve.llm")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list  # noqa: E402
+from ray.serve.llm import LLMConfig  # noqa: E402
+
+from vllm_elastic_ft import faults  # noqa: E402
+from vllm_elastic_ft.loadgen import complete_once, run_load  # noqa: E402
+from vllm_elastic_ft.ray_serve import build_elastic_dp_openai_app  # noqa: E402
+from vllm_elastic_ft.ray_serve.server import STORE_KEY_PREFIX  # noqa: E402
+from vllm_elastic_ft.watchdog.attribution import RankStatus  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+URL = "http://127.0.0.1:8000"
+PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+       "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _gangs() -> dict[str, str]:
+    """gang id -> watchdog store address, for the gangs that are up."""
+    keys = _internal_kv_list(STORE_KEY_PREFIX.encode())
+    return {k.decode()[len(STORE_KEY_PREFIX):]: _internal_kv_get(k).decode() for k in keys}
+
+
+def _worker_pid(address: str, rank: int, epoch: int = 0) -> int:
+    store = faults.connect_store(address)
+    return RankStatus.decode(store.get(f"eft/dp/e{epoch}/hb/{rank}")).pid
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _serves() -> bool:
+    try:
+        complete_once(URL, PROMPTS[0], 4, 30)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def two_gangs(tiny_moe_path):
+    ray.init(num_cpus=16, runtime_env={"env_vars": ENV}, include_dashboard=False)
+    config = LLMConfig(
+        model_loading_config={"model_id": "tiny-moe", "model_source": tiny_moe_path},
+        accelerator_config={"kind": "cpu"},
+        engine_kwargs=dict(dtype="float32", enforce_eager=True, max_model_len=512,
+                           max_num_seqs=16, seed=0, data_parallel_size=2,
+                           enable_expert_parallel=True,
+                           additional_config={"elastic_ft": {"deadline_s": 2.0,
+                                                             "rebuild_budget_s": 20.0}}),
+        runtime_env={"env_vars": ENV},
+        deployment_config={"num_replicas": 2, "health_check_period_s": 2.0,
+                           "health_check_timeout_s": 10.0},
+    )
+    try:
+        serve.run(build_elastic_dp_openai_app(config), blocking=False)
+        _wait(lambda: len(_gangs()) == 2, 600, "two gangs to register their stores")
+        _wait(_serves, 600, "the app to serve")
+        yield config
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _load(results: list, requests: int) -> threading.Thread:
+    thread = threading.Thread(target=lambda: results.append(run_load(
+        URL, PROMPTS, requests, 4, max_tokens=24, timeout_s=120, progress_every_s=None,
+        retry_for_s=0)), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_rank_heals_in_place_and_clients_see_no_error(two_gangs):
+    gangs = _gangs()
+    gang_a, store_a = sorted(gangs.items())[0]
+    victim = _worker_pid(store_a, 1)
+    results: list = []
+    load = _load(results, 40)
+    time.sleep(3)
+    faults.signal_process("kill", victim, 1)
+    store = faults.connect_store(store_a)
+    _wait(lambda: store.check(["eft/dp/e1/serving"]), 60, "gang A to serve again at epoch 1")
+    members = json.loads(store.get("eft/dp/e1/members"))
+    assert members["members"] == [0]
+    assert sorted(members["placement"]["0"]) == list(range(8))
+    load.join(timeout=300)
+    summary = results[0]
+    assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
+    # Healed in place, not restarted: the same two gangs are registered.
+    assert set(_gangs()) == set(gangs)
+    after: list = []
+    _load(after, 12).join(timeout=300)
+    assert after[0].failed == 0
+
+
+def test_an_unrecoverable_gang_is_restarted_by_ray_while_the_other_serves(two_gangs):
+    gangs = _gangs()
+    gang_a, store_a = sorted(gangs.items())[0]
+    last = _worker_pid(store_a, 0, epoch=1)
+    results: list = []
+    load = _load(results, 40)
+    time.sleep(2)
+    faults.signal_process("kill", last, 0)
+    # Ray replaces gang A (a new gang id registers its store); gang B serves meanwhile.
+    _wait(lambda: len(set(_gangs()) - set(gangs)) == 1, 900, "Ray to restart gang A")
+    load.join(timeout=900)
+    summary = results[0]
+    assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
+    _wait(_serves, 300, "the app to serve after the restart")

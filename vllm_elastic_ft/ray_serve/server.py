@@ -1,0 +1,206 @@
+"""ElasticDPServer: Ray Serve LLM's ``DPServer`` with the plugin's view of its gang.
+
+One replica is one DP rank of a gang (Ray Serve LLM runs vLLM in external-LB
+DP mode: one engine core per replica, the gang's ranks form one DP/EP group).
+The subclass (targets ray 2.60 ``DPServer``):
+
+* gives the gang one watchdog store: rank 0 hosts it and publishes its address
+  in Ray's internal KV under the gang id; the other ranks read it before their
+  engine starts (engines and workers inherit it, as under ``vllm serve``);
+* follows the gang's group state from that store (the same follower as the API
+  server's ``/elastic_ft/status``);
+* **health**: ``check_health`` stays green while the gang heals in place (FENCED,
+  REBUILDING, READY within ``rebuild_budget_s``) and on a replica whose rank the
+  gang left behind; it raises once the gang is FAILED (or over budget), so Ray
+  Serve's gang restart (``RESTART_GANG``) happens only then;
+* **traffic**: ``record_routing_stats`` says ``serving: False`` while the gang is
+  not serving or this rank is lost; :mod:`.router` routes around such replicas;
+  a request that fails here because this rank was lost is re-sent through the
+  deployment's handle to a serving replica, so the client sees no error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+from ray import serve
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
+
+from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
+from vllm_elastic_ft.group.state_machine import GroupState
+from vllm_elastic_ft.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+#: States in which a gang heals itself: Ray must neither route to it nor restart it.
+HEALING = (GroupState.SUSPECT, GroupState.FENCED, GroupState.REBUILDING, GroupState.READY)
+STORE_KEY_PREFIX = "vllm_elastic_ft/store/"
+
+
+def _store_key(gang_id: str) -> bytes:
+    return (STORE_KEY_PREFIX + gang_id).encode()
+
+
+async def _gang_store_address(gang_id: str, rank: int, timeout_s: float = 120.0) -> str:
+    """Rank 0 hosts the gang's store; every rank returns its address."""
+    from vllm_elastic_ft.vllm import watchdog_store
+
+    if rank == 0:
+        host = os.environ.get(watchdog_store.STORE_HOST_ENV) or _node_ip()
+        os.environ[watchdog_store.STORE_HOST_ENV] = host
+        address = watchdog_store.host_store(ElasticFTConfig())
+        _internal_kv_put(_store_key(gang_id), address.encode(), overwrite=True)
+        return address
+    deadline = time.monotonic() + timeout_s
+    while (raw := _internal_kv_get(_store_key(gang_id))) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gang {gang_id}: rank 0 never published its watchdog store")
+        await asyncio.sleep(0.2)
+    return raw.decode()
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class ElasticDPServer(DPServer):
+    async def __init__(self, llm_config, *, engine_cls=None, model_downloader=None):
+        ctx = serve.get_replica_context()
+        gang = ctx.gang_context
+        if gang is None:
+            raise RuntimeError("ElasticDPServer needs gang scheduling (data_parallel_size > 1)")
+        self._ft_rank, self._ft_gang, self._ft_world = gang.rank, gang.gang_id, gang.world_size
+        self._ft_deployment = (ctx.deployment, ctx.app_name)
+        additional = dict(llm_config.engine_kwargs.get("additional_config") or {})
+        self._ft_config = ElasticFTConfig.from_additional_config(additional)
+        address = await _gang_store_address(self._ft_gang, self._ft_rank)
+        from vllm_elastic_ft.vllm import watchdog_store
+
+        os.environ[watchdog_store.STORE_ENV] = address  # inherited by the engine processes
+        logger.info("gang %s rank %d/%d: watchdog store %s", self._ft_gang, self._ft_rank,
+                    self._ft_world, address)
+        await super().__init__(llm_config, engine_cls=engine_cls,
+                               model_downloader=model_downloader)
+        from vllm_elastic_ft.faults import connect_store
+        from vllm_elastic_ft.vllm.endpoints import FrontEndGroup
+
+        self._ft_group = FrontEndGroup(connect_store(address), self._ft_world, None,
+                                       self._ft_config)
+        self._ft_group.store_address = address
+        self._ft_group.follower.start()
+
+    # ------------------------------------------------------------ state
+    def _ft_view(self):
+        return self._ft_group.controller.view
+
+    def _ft_excluded(self) -> bool:
+        """The gang agreed on members without this replica's rank (it goes on without it)."""
+        return self._ft_rank not in self._ft_view().live_ranks
+
+    def _ft_engine_dead(self) -> bool:
+        client = getattr(self.engine, "_engine_client", None) if self.engine else None
+        return bool(client is not None and getattr(client, "errored", False))
+
+    def _ft_lost_here(self) -> bool:
+        """This replica cannot run requests: its rank was left out, or its engine died."""
+        return self._ft_excluded() or self._ft_engine_dead()
+
+    def _ft_serving(self) -> bool:
+        return self._ft_view().serving and not self._ft_lost_here()
+
+    def elastic_ft_status(self) -> dict[str, Any]:
+        """The gang as this replica sees it (``/elastic_ft/status`` of a vLLM server)."""
+        status = self._ft_group.status()
+        status.update(gang_id=self._ft_gang, rank=self._ft_rank, serving_here=self._ft_serving())
+        return status
+
+    # ----------------------------------------------------------- health
+    async def check_health(self) -> None:
+        view = self._ft_view()
+        if view.state is GroupState.FAILED:
+            raise RuntimeError(f"gang {self._ft_gang}: DP group FAILED ({view.reason}); "
+                               "a gang restart is needed")
+        if view.state in HEALING:
+            if time.time() - view.since > self._ft_config.rebuild_budget_s:
+                raise RuntimeError(f"gang {self._ft_gang}: {view.state.value} for longer than "
+                                   f"rebuild_budget_s={self._ft_config.rebuild_budget_s}")
+            return None  # healing in place: no restart
+        if self._ft_excluded():
+            # The gang goes on without this rank; this replica only forwards.
+            return None
+        # A dead engine the gang has not healed around (e.g. its last rank): raise, so
+        # Ray restarts the gang (the fallback).
+        return await super().check_health()
+
+    # ---------------------------------------------------------- traffic
+    async def record_routing_stats(self) -> dict[str, Any]:
+        stats = {} if self._ft_lost_here() else dict(await super().record_routing_stats())
+        view = self._ft_view()
+        stats["elastic_ft"] = {"gang": self._ft_gang, "rank": self._ft_rank,
+                               "state": view.state.value, "epoch": view.epoch,
+                               "serving": self._ft_serving()}
+        return stats
+
+    async def chat(self, request, raw_request_info=None):
+        if self._ft_lost_here():
+            return self._ft_elsewhere("chat", request, raw_request_info)
+        stream = await super().chat(request, raw_request_info)
+        return self._ft_or_elsewhere(stream, "chat", request, raw_request_info)
+
+    async def completions(self, request, raw_request_info=None):
+        if self._ft_lost_here():
+            return self._ft_elsewhere("completions", request, raw_request_info)
+        stream = await super().completions(request, raw_request_info)
+        return self._ft_or_elsewhere(stream, "completions", request, raw_request_info)
+
+    async def _ft_or_elsewhere(self, stream, method: str, request, raw_request_info):
+        """Yield ``stream``; if it fails before its first item because this rank was lost,
+        run the request on a serving replica instead (nothing reached the client yet)."""
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        except Exception:
+            if not await self._ft_wait_lost():
+                raise
+            first = None
+        if first is not None and not (_is_error(first) and await self._ft_wait_lost()):
+            yield first
+            async for item in stream:
+                yield item
+            return
+        logger.warning("gang %s rank %d lost: re-sending a %s request to a serving replica",
+                       self._ft_gang, self._ft_rank, method)
+        async for item in self._ft_elsewhere(method, request, raw_request_info):
+            yield item
+
+    async def _ft_wait_lost(self, settle_s: float = 2.0) -> bool:
+        """Whether this rank was lost (the gang's agreement may lag the error briefly)."""
+        deadline = time.monotonic() + settle_s
+        while not self._ft_lost_here():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _ft_elsewhere(self, method: str, request, raw_request_info):
+        deployment, app = self._ft_deployment
+        handle = serve.get_deployment_handle(deployment, app).options(stream=True)
+        async for item in getattr(handle, method).remote(request, raw_request_info):
+            yield item
+
+
+def _is_error(item: Any) -> bool:
+    return type(item).__name__ == "ErrorResponse" or (
+        isinstance(item, list) and any(type(i).__name__ == "ErrorResponse" for i in item))
+
+
+def config_json(config: ElasticFTConfig) -> str:
+    return json.dumps({CONFIG_KEY: config.to_dict()})
