@@ -124,14 +124,19 @@ def _orchestrate(deployment: Deployment, timeline: Timeline, fault_at: threading
     """Restart the group when it cannot heal itself: its process went down, it
     reported FAILED, or it stayed fenced past ``budget_s``."""
     fault_at.wait()
+    not_serving_since: float | None = None
     while not load_done.is_set():
         status = deployment.status()
-        fenced_at = timeline.first("API server: group FENCED")
-        failed = status is not None and status["state"] == "FAILED"
-        over_budget = fenced_at is not None and time.time() - fenced_at > budget_s
+        state = status["state"] if status else None
+        if state == "HEALTHY":
+            not_serving_since = None
+        elif state is not None and not_serving_since is None:
+            not_serving_since = time.time()
+        failed = state == "FAILED"
+        over_budget = not_serving_since is not None and time.time() - not_serving_since > budget_s
         if not deployment.alive() or failed or over_budget:
             why = ("the deployment went down" if not deployment.alive() else
-                   "the group reported FAILED" if failed else f"fenced for > {budget_s}s")
+                   "the group reported FAILED" if failed else f"not serving for > {budget_s}s")
             timeline.add(f"orchestrator: group restart ({why})")
             took = deployment.restart()
             timeline.add(f"orchestrator: group READY again after restart ({took:.0f}s start-up)")
