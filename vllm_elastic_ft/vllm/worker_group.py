@@ -22,6 +22,7 @@ rank's step number so a survivor that is a step apart is caught, not mixed in.
 from __future__ import annotations
 
 import atexit
+import threading
 import time
 from datetime import timedelta
 from typing import Sequence
@@ -78,8 +79,16 @@ class WorkerGroup:
         self.loaded_experts: list[int] = []
         self.step = 0  # batch all-reduces started (a retried one keeps its number)
         self._redo_step = False
+        # A step runs from its batch all-reduce to the end of its forward. Between
+        # steps (an idle engine) the watchdog's thread may run the rebuild itself:
+        # nobody else would, since an idle rank never meets the failed collective.
+        self._lock = threading.RLock()
+        self._in_step = False
+        self._idle_rebuild: threading.Thread | None = None
+        self._fenced_out: BaseException | None = None
         self.last_column: list[int] | None = None
         self.pg.configure(pg_prefix(0), rank_id, world)
+        self.watchdog.after_tick = self._maybe_rebuild_while_idle
         logger.info("elastic DP group: worker rank %d/%d on its own epoch-0 communicator",
                     rank_id, world)
 
@@ -110,6 +119,8 @@ class WorkerGroup:
 
     def follow(self) -> None:
         """Catch up with an epoch a peer (or the engine) already moved to."""
+        if self._fenced_out is not None:
+            raise self._fenced_out
         if self.watchdog.group_epoch > self.members.epoch:
             self.recover("the group moved to epoch %d" % self.watchdog.group_epoch)
 
@@ -118,6 +129,8 @@ class WorkerGroup:
 
         ``retry``: redo the last step's all-reduce (after a rebuild) instead of a new step.
         """
+        with self._lock:  # waits for a rebuild the watchdog's thread started while idle
+            self._in_step = True
         if not retry:
             if self._redo_step:  # a step re-run from the top after a rebuild
                 self._redo_step = False
@@ -229,6 +242,37 @@ class WorkerGroup:
         logger.warning("rank %d: rebuilt at epoch %d with members %s in %.3fs (holds experts %s)",
                        self.id, new.epoch, list(new.members), time.monotonic() - started,
                        list(new.placement[self.id]))
+
+    def step_done(self) -> None:
+        """The step's forward returned (or failed for good): the rank is idle again."""
+        with self._lock:
+            self._in_step = False
+
+    def _maybe_rebuild_while_idle(self) -> None:
+        """Watcher thread, after each tick: an idle rank whose peer failed (or whose group
+        moved on) rebuilds now, so the group is ready before the next request comes."""
+        if self.model is None or not self.watchdog.peer_failed() or self._fenced_out is not None:
+            return
+        if self._idle_rebuild is not None and self._idle_rebuild.is_alive():
+            return
+        with self._lock:
+            if self._in_step:
+                return  # the step meets the fault itself and recovers in place
+        self._idle_rebuild = threading.Thread(target=self._rebuild_while_idle,
+                                              name="elastic-ft-idle-rebuild", daemon=True)
+        self._idle_rebuild.start()
+
+    def _rebuild_while_idle(self) -> None:
+        with self._lock:
+            if self._in_step or not self.watchdog.peer_failed():
+                return
+            try:
+                self.recover("a peer failed while this rank was idle")
+            except FencedError as err:
+                self._fenced_out = err  # the next step raises it: this rank must leave
+            except Exception:
+                logger.exception("rank %d: rebuild while idle failed; the next step retries",
+                                 self.id)
 
     def redo_step_from_top(self) -> None:
         """The interrupted step is re-run from its beginning: its next batch all-reduce

@@ -110,6 +110,9 @@ class RankWatchdog:
         #: Optional evidence source for a missed deadline: ranks a transport
         #: itself marked as silent (DeepEP's low-latency mask buffer).
         self.miss_suspects: Callable[[], list[int]] | None = None
+        #: Called on the watcher thread after every tick (outside the watchdog's lock):
+        #: how a rank that sits idle learns that its group needs a rebuild.
+        self.after_tick: Callable[[], None] | None = None
         self._host = attribution.this_host()
         self._pid = attribution.this_pid()
         self._triggers: queue.SimpleQueue[_Trigger] = queue.SimpleQueue()
@@ -208,6 +211,8 @@ class RankWatchdog:
         while not self._stop.is_set():
             try:
                 self._tick()
+                if self.after_tick is not None:
+                    self.after_tick()
             except Exception:  # a store hiccup must not kill the watchdog
                 logger.exception("rank %d: watchdog tick failed", self.rank)
             try:

@@ -77,36 +77,48 @@ def _make_model_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         if group is None:
             return original(self, *args, **kwargs)
         _attach(self, group)
-        for _ in range(group.config.max_rebuilds):
-            try:
-                return original(self, *args, **kwargs)
-            except RECOVERABLE as err:
-                _recover(group, err)
-                counts = group.all_reduce_batch((), retry=True)
-                from vllm.forward_context import get_forward_context
-
-                context = get_forward_context()
-                if context.dp_metadata is not None:
-                    context.dp_metadata.num_tokens_across_dp_cpu.copy_(counts[1])
-                if hasattr(context, "moe_layer_index"):
-                    context.moe_layer_index = 0
-        return original(self, *args, **kwargs)
+        try:
+            return _forward_with_retry(original, group, self, *args, **kwargs)
+        finally:
+            group.step_done()
 
     return _model_forward
+
+
+def _forward_with_retry(original, group: WorkerGroup, runner, *args: Any, **kwargs: Any):
+    """Run the forward; after a rank failure, rebuild, redo the batch all-reduce, run it again."""
+    for _ in range(group.config.max_rebuilds):
+        try:
+            return original(runner, *args, **kwargs)
+        except RECOVERABLE as err:
+            _recover(group, err)
+            counts = group.all_reduce_batch((), retry=True)
+            from vllm.forward_context import get_forward_context
+
+            context = get_forward_context()
+            if context.dp_metadata is not None:
+                context.dp_metadata.num_tokens_across_dp_cpu.copy_(counts[1])
+            if hasattr(context, "moe_layer_index"):
+                context.moe_layer_index = 0
+    return original(runner, *args, **kwargs)
 
 
 def _make_dummy_run(original: Callable[..., Any]) -> Callable[..., Any]:
     def _dummy_run(self, *args: Any, **kwargs: Any):
         group = current_group()
-        if group is not None:
-            _attach(self, group)
-        for _ in range(group.config.max_rebuilds if group is not None else 0):
-            try:
-                return original(self, *args, **kwargs)
-            except RECOVERABLE as err:
-                _recover(group, err)
-                group.redo_step_from_top()
-        return original(self, *args, **kwargs)
+        if group is None:
+            return original(self, *args, **kwargs)
+        _attach(self, group)
+        try:
+            for _ in range(group.config.max_rebuilds):
+                try:
+                    return original(self, *args, **kwargs)
+                except RECOVERABLE as err:
+                    _recover(group, err)
+                    group.redo_step_from_top()
+            return original(self, *args, **kwargs)
+        finally:
+            group.step_done()
 
     return _dummy_run
 
