@@ -7,6 +7,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _no_exported_plugin_config():
+    """A test that builds an engine config exports it (as a front end does); later tests
+    in the same process must not inherit it."""
+    yield
+    from vllm_elastic_ft.vllm import process_config
+
+    os.environ.pop(process_config.CONFIG_ENV, None)
+    process_config.reset_process_config()
+
+
 @pytest.fixture(scope="session")
 def tiny_moe_path() -> str:
     from vllm_elastic_ft.testing.tiny_moe import build_tiny_moe

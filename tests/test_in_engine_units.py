@@ -168,3 +168,18 @@ def test_expert_weights_are_found_in_the_tiny_checkpoint(tiny_moe_path):
         _expert_names(index, "model.layers.0.mlp.experts", 99)
     with pytest.raises(ExpertLoadError, match="no \\*.safetensors"):
         CheckpointIndex.scan("/nonexistent")
+
+
+def test_engine_processes_inherit_the_front_ends_config():
+    """What the front end exports is what every process it spawns reads (no vLLM config
+    needs to be current there)."""
+    import os
+
+    from vllm_elastic_ft.config import ElasticFTConfig
+    from vllm_elastic_ft.vllm import process_config
+
+    process_config.reset_process_config()
+    process_config.export_config(ElasticFTConfig(deadline_s=2.0, in_engine_rebuild=False))
+    assert os.environ[process_config.CONFIG_ENV]
+    config = process_config.process_config()
+    assert config.deadline_s == 2.0 and config.in_engine_rebuild is False

@@ -7,6 +7,8 @@ Verbs:
   drill         the main job: a DP+EP deployment under load loses a rank and comes
                 back; timeline, plot and JSON (detect/fence/rebuild/interruption,
                 requests lost, outputs checked)
+  ray-drill     the same on Ray Serve LLM: two gangs, one loses a rank; in-place heal
+                vs Ray's gang restart, per-gang throughput
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return run_drill(args, _tiny_model(args))
 
 
+def cmd_ray_drill(args: argparse.Namespace) -> int:
+    from vllm_elastic_ft.ray_serve.drill import run_ray_drill
+
+    return run_ray_drill(args, _tiny_model(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-elastic-ft", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -110,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("drill", help="the main job: a rank fails under load; timeline + JSON")
     _add_model_args(p)
     p.add_argument("--dp", type=int, default=4, help="data-parallel size (EP on)")
-    p.add_argument("--fault", choices=("kill", "stop"), default="kill")
+    p.add_argument("--fault", choices=("kill", "stop", "slow"), default="kill")
     p.add_argument("--fault-rank", type=int, default=1)
+    p.add_argument("--slow-delay-s", type=float, default=3.0,
+                   help="slow: delay added to each of the rank's dispatch/combine calls")
     p.add_argument("--second-fault-rank", type=int, default=None,
                    help="also kill this rank while the survivors rebuild")
     p.add_argument("--rebuild-hold-s", type=float, default=2.0,
@@ -129,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "in-engine rebuild, and the deployment on stock vLLM (no plugin)")
     p.add_argument("--out", default="runs/drill", help="folder for the timeline, plot, JSON, logs")
     p.set_defaults(func=cmd_drill)
+
+    p = verbs.add_parser("ray-drill", help="Ray Serve: two gangs, one loses a rank under load; "
+                         "in-place heal vs Ray's gang restart (needs the ray extra)")
+    _add_model_args(p)
+    from vllm_elastic_ft.ray_serve.drill import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_ray_drill)
     return parser
 
 

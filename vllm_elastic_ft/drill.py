@@ -229,6 +229,12 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         done_count = [0]
 
         def inject(kind: str, rank: int, note: str = "") -> None:
+            if kind == "slow":
+                injection.append(faults.set_slow(faults.connect_store(store_address), "dp", rank,
+                                                 args.slow_delay_s))
+                timeline.add(f"fault: slow DP rank {rank} by {args.slow_delay_s}s per "
+                             f"dispatch/combine{note}", injection[-1].at)
+                return
             pid = faults.rank_pid(deployment.server.proc.pid, rank, args.role)
             injection.append(faults.signal_process(kind, pid, rank))
             timeline.add(f"fault: {kind} {args.role} of DP rank {rank} (pid {pid}){note}",
@@ -270,6 +276,8 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         if args.fault == "stop" and injection and not any(i.kind == "cont" for i in injection) \
                 and deployment.starts == 1:
             faults.signal_process("cont", injection[0].pid, args.fault_rank)
+        if args.fault == "slow" and store_address and deployment.starts == 1:
+            faults.set_slow(faults.connect_store(store_address), "dp", args.fault_rank, 0.0)
         after = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
         time.sleep(0.5)  # let a woken stale rank meet its fence before the final look
         final = deployment.status() or {}
@@ -321,7 +329,7 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         "outputs_match_reference": after == reference,
         "final_state": final.get("state"), "final_epoch": final.get("epoch"),
         "live_ranks": final.get("live_ranks"), "expert_placement": final.get("expert_placement"),
-        "stale_rank_refused": ("fenced out" in log_text) if args.fault == "stop" else None,
+        "stale_rank_refused": ("fenced out" in log_text) if args.fault in ("stop", "slow") else None,
         "startup_s": round(startup_s, 1), "report": report,
     }
     lines = [f"{t - t0:9.3f}s  {what}" for t, what in sorted(timeline.events)]

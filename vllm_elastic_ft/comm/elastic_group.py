@@ -16,6 +16,17 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 
+#: Floor of a communicator's own timeout: its first collectives (profiling, warm-up) can
+#: start tens of seconds apart across ranks on a loaded host. The watchdog's deadlines,
+#: not this, are what bound a steady-state call.
+MIN_PG_TIMEOUT_S = 120.0
+
+
+def pg_timeout(rebuild_budget_s: float) -> timedelta:
+    """The timeout of an epoch's communicator: the rebuild budget, at least MIN_PG_TIMEOUT_S."""
+    return timedelta(seconds=max(rebuild_budget_s, MIN_PG_TIMEOUT_S))
+
+
 class ElasticProcessGroup:
     def __init__(self, store, timeout: timedelta = timedelta(seconds=60)):
         self.store = store

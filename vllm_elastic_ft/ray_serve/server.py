@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -95,6 +96,8 @@ class ElasticDPServer(DPServer):
                                        self._ft_config)
         self._ft_group.store_address = address
         self._ft_group.follower.start()
+        # Completed-request counts go to the store from one thread of their own.
+        self._ft_counter = (connect_store(address), ThreadPoolExecutor(1, "elastic-ft-count"))
 
     # ------------------------------------------------------------ state
     def _ft_view(self):
@@ -127,7 +130,7 @@ class ElasticDPServer(DPServer):
         if view.state is GroupState.FAILED:
             raise RuntimeError(f"gang {self._ft_gang}: DP group FAILED ({view.reason}); "
                                "a gang restart is needed")
-        if view.state in HEALING:
+        if view.state in HEALING and self._ft_config.in_engine_rebuild:
             if time.time() - view.since > self._ft_config.rebuild_budget_s:
                 raise RuntimeError(f"gang {self._ft_gang}: {view.state.value} for longer than "
                                    f"rebuild_budget_s={self._ft_config.rebuild_budget_s}")
@@ -175,11 +178,18 @@ class ElasticDPServer(DPServer):
             yield first
             async for item in stream:
                 yield item
+            self._ft_count_completed()
             return
         logger.warning("gang %s rank %d lost: re-sending a %s request to a serving replica",
                        self._ft_gang, self._ft_rank, method)
         async for item in self._ft_elsewhere(method, request, raw_request_info):
             yield item
+
+    def _ft_count_completed(self) -> None:
+        """Requests this rank completed, in the gang's store (``eft/serve/rank<r>/completed``):
+        per-gang throughput for operators and benchmarks. Off the event loop, fire and forget."""
+        store, thread = self._ft_counter
+        thread.submit(store.add, f"eft/serve/rank{self._ft_rank}/completed", 1)
 
     async def _ft_wait_lost(self, settle_s: float = 2.0) -> bool:
         """Whether this rank was lost (the gang's agreement may lag the error briefly)."""

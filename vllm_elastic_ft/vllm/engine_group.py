@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 
 from vllm_elastic_ft.comm.cpu_collectives import _finish
-from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup
+from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup, pg_timeout
 from vllm_elastic_ft.group import epochs
 from vllm_elastic_ft.group.fencing import FencedError
 from vllm_elastic_ft.logging_utils import get_logger
@@ -47,7 +47,7 @@ class EngineGroup:
         self.engine = None
         self.epoch = 0
         self.members: tuple[int, ...] = tuple(range(world))
-        self.pg = ElasticProcessGroup(store, timedelta(seconds=config.rebuild_budget_s))
+        self.pg = ElasticProcessGroup(store, pg_timeout(config.rebuild_budget_s))
         self.pg.configure(f"eft/{ENGINE_GROUP}/e0/pg", rank_id, world)
 
     def bind(self, engine) -> None:

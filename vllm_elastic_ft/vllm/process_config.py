@@ -1,21 +1,37 @@
-"""This process's :class:`ElasticFTConfig`, read from vLLM's current config.
+"""This process's :class:`ElasticFTConfig`.
 
-Patched vLLM methods run in engine-core and worker processes, which learn the
-plugin's settings only through ``VllmConfig.additional_config``. vLLM makes that
-config "current" while it builds communicators, loads the model and profiles,
-so the first patched call reads it and every later call reuses it.
+Patched vLLM methods run in engine-core and worker processes. The front end
+(API server, or Ray Serve replica) exports the validated config as JSON in
+``VLLM_ELASTIC_FT_CONFIG`` before it spawns them (``export_config``), so every
+process of the deployment inherits it, whatever vLLM call reaches a patch first.
+Without it (a process not started by a patched front end) the settings come
+from vLLM's current config, ``VllmConfig.additional_config``, when one is
+current at the first call.
 """
 
 from __future__ import annotations
 
-from vllm_elastic_ft.config import ElasticFTConfig
+import json
+import os
+
+from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
+
+CONFIG_ENV = "VLLM_ELASTIC_FT_CONFIG"
 
 _process_config: ElasticFTConfig | None = None
+
+
+def export_config(config: ElasticFTConfig) -> None:
+    """Hand ``config`` to the processes this one spawns from now on."""
+    os.environ[CONFIG_ENV] = config.to_json()
 
 
 def process_config() -> ElasticFTConfig:
     """The plugin config of the engine this process belongs to (defaults if none yet)."""
     global _process_config
+    if _process_config is None and os.environ.get(CONFIG_ENV):
+        _process_config = ElasticFTConfig.from_additional_config(
+            {CONFIG_KEY: json.loads(os.environ[CONFIG_ENV])})
     if _process_config is None:
         from vllm.config import get_current_vllm_config_or_none
 

