@@ -170,8 +170,11 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
             else:
                 _wait(lambda: len(set(gang_stores()) - {gang_a, gang_b}) == 1, 900,
                       "Ray to restart gang A", 0.5)
-                new_a = faults.connect_store(gang_stores()[(set(gang_stores()) - {gang_b}).pop()])
-                _wait(lambda: completed(new_a) > 0, 900, "the new gang A to serve", 0.5)
+                new_a = faults.connect_store(
+                    gang_stores()[(set(gang_stores()) - {gang_a, gang_b}).pop()])
+                # The load may be over by now: probe until the new gang A serves some.
+                _wait(lambda: serves() and completed(new_a) > 0, 900,
+                      "the new gang A to serve", 0.5)
                 back_at = time.time()
             note("gang A serving again", back_at)
         except TimeoutError as err:
