@@ -28,6 +28,7 @@ from ray.serve.llm import LLMConfig  # noqa: E402
 from vllm_elastic_ft import faults  # noqa: E402
 from vllm_elastic_ft.loadgen import complete_once, run_load  # noqa: E402
 from vllm_elastic_ft.ray_serve import build_elastic_dp_openai_app  # noqa: E402
+from vllm_elastic_ft.ray_serve.drill import completed  # noqa: E402
 from vllm_elastic_ft.ray_serve.server import STORE_KEY_PREFIX  # noqa: E402
 from vllm_elastic_ft.watchdog.attribution import RankStatus  # noqa: E402
 
@@ -86,7 +87,10 @@ def two_gangs(tiny_moe_path):
     try:
         serve.run(build_elastic_dp_openai_app(config), blocking=False)
         _wait(lambda: len(_gangs()) == 2, 600, "two gangs to register their stores")
-        _wait(_serves, 600, "the app to serve")
+        # Gangs come up one after the other: probe until each has served a request.
+        stores = [faults.connect_store(a) for a in _gangs().values()]
+        _wait(lambda: _serves() and all(completed(s) > 0 for s in stores), 900,
+              "both gangs to serve")
         yield config
     finally:
         serve.shutdown()
