@@ -110,15 +110,13 @@ def engine_group(rank_id: int, world: int) -> EngineGroup | None:
     global _group, _off
     if _group is not None or _off:
         return _group
-    from vllm_elastic_ft.vllm.process_config import process_config
+    from vllm_elastic_ft.vllm.process_config import in_engine_rebuild_on, process_config
     from vllm_elastic_ft.vllm.watchdog_store import store_address
 
-    config = process_config()
-    if not (config.enabled and config.watchdog and config.in_engine_rebuild) \
-            or store_address() is None or world < 2:
+    if not in_engine_rebuild_on(world):
         _off = True
         return None
     from vllm_elastic_ft.faults import connect_store
 
-    _group = EngineGroup(rank_id, world, connect_store(store_address()), config)
+    _group = EngineGroup(rank_id, world, connect_store(store_address()), process_config())
     return _group

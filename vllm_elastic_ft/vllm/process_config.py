@@ -48,3 +48,13 @@ def reset_process_config() -> None:
     """Forget the cached config (tests that build several configs in one process)."""
     global _process_config
     _process_config = None
+
+
+def in_engine_rebuild_on(world_size: int) -> bool:
+    """Whether this process's DP group rebuilds in place: the plugin, its watchdog and
+    in-engine rebuild on, a watchdog store exported by the front end, more than one rank."""
+    from vllm_elastic_ft.vllm.watchdog_store import store_address
+
+    config = process_config()
+    return (config.enabled and config.watchdog and config.in_engine_rebuild
+            and store_address() is not None and world_size > 1)

@@ -38,7 +38,7 @@ from vllm_elastic_ft.group.state_machine import (
     GroupState, PeerFenced, RebuildDone, RebuildFailed, RebuildStarted, Served,
 )
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.vllm.process_config import process_config
+from vllm_elastic_ft.vllm.process_config import in_engine_rebuild_on, process_config
 from vllm_elastic_ft.vllm.watchdog_store import store_address
 from vllm_elastic_ft.vllm.worker_watchdog import GROUP_NAME, process_watchdog
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch, run_guarded
@@ -320,17 +320,12 @@ def worker_group(rank_id: int, world: int) -> WorkerGroup | None:
     global _group, _off
     if _group is not None or _off:
         return _group
-    config = process_config()
-    if not (config.enabled and config.watchdog and config.in_engine_rebuild) \
-            or store_address() is None or world < 2:
-        _off = True
-        return None
-    if process_watchdog(rank_id, world) is None:
+    if not in_engine_rebuild_on(world) or process_watchdog(rank_id, world) is None:
         _off = True
         return None
     from vllm_elastic_ft.faults import connect_store
 
-    _group = WorkerGroup(rank_id, world, connect_store(store_address()), config)
+    _group = WorkerGroup(rank_id, world, connect_store(store_address()), process_config())
     atexit.register(_group.pg.shutdown)
     return _group
 
