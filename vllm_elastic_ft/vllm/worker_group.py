@@ -151,7 +151,7 @@ class WorkerGroup:
             except (RankFaultError, FencedError) as err:
                 self.recover(f"batch all-reduce: {err}")
                 continue
-            steps = tensor[rows] // 1
+            steps = tensor[rows]
             if not bool((steps == self.step).all()):
                 self._fail(f"ranks {list(members)} are at different steps {steps.tolist()} "
                            "after a rebuild: the interrupted step cannot be redone")
