@@ -69,3 +69,66 @@ def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
 
 def latest_epoch(store, group: str) -> int:
     return current_epoch(store, group)
+
+
+def admit_key(group: str, ticket: str) -> str:
+    """Where the survivors publish the epoch at which admission ``ticket`` happens."""
+    return f"eft/{group}/admit/{ticket}/epoch"
+
+
+def joiner_experts_key(group: str, ticket: str) -> str:
+    return f"eft/{group}/admit/{ticket}/experts"
+
+
+def step_key(group: str, epoch: int, rank: int) -> str:
+    return f"eft/{group}/e{epoch}/step/{rank}"
+
+
+def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ticket: str,
+          joiner_experts: tuple[int, ...] | None, step: int, window_s: float,
+          timeout_s: float) -> ms.Membership:
+    """Take the group to the next epoch with ``joiner`` added back (a planned fence).
+
+    Every member and the joiner call this at the same time (the front end asks
+    them while the group is paused). Members pass their current membership
+    ``old``; the joiner passes ``old=None`` and the experts it loaded. The
+    members fence and publish the new epoch under ``ticket``; the joiner
+    registers at that epoch; the leader (whoever arrives first) places the
+    joiner's experts back on it. Members also publish their ``step`` number
+    (:func:`step_key`), which the joiner adopts.
+
+    Raises:
+        FencedError: ``me`` did not make it into the new epoch.
+        TimeoutError: the admission did not happen within ``timeout_s``.
+    """
+    import time
+
+    from vllm_elastic_ft.placement.solver import admit as admit_placement
+
+    if old is not None:
+        epoch = fence(store, group, old.epoch)
+        store.set(step_key(group, epoch, me), str(step))
+        store.set(admit_key(group, ticket), str(epoch))
+    else:
+        store.set(joiner_experts_key(group, ticket), json.dumps(list(joiner_experts or ())))
+        deadline = time.monotonic() + timeout_s
+        while not store.check([admit_key(group, ticket)]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group {group}: nobody admitted rank {me} (ticket {ticket})")
+            time.sleep(0.005)
+        epoch = int(store.get(admit_key(group, ticket)))
+    base = published(store, group, epoch - 1) if epoch > 1 else None
+    if base is None:
+        if old is None:
+            raise TimeoutError(f"group {group}: no membership before epoch {epoch} to join")
+        base = old
+    expected = sorted(set(base.members) | {joiner})
+
+    def place(members: list[int]) -> dict[int, tuple[int, ...]]:
+        # The joiner wrote its experts before it registered; if it did not
+        # register in time, the placement stays as it was.
+        brought = tuple(json.loads(store.get(joiner_experts_key(group, ticket)))) \
+            if joiner in members else ()
+        return admit_placement(base.placement, members, joiner, brought)
+
+    return ms.agree(store, group, epoch, me, expected, window_s, place, timeout_s=timeout_s)

@@ -90,3 +90,21 @@ def solve(num_experts: int, current: dict[int, tuple[int, ...]], live: list[int]
         {r: tuple(sorted(v)) for r, v in to_drop.items()},
         reason,
     )
+
+
+def admit(current: dict[int, tuple[int, ...]], members: list[int], joiner: int,
+          joiner_experts: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """The placement after ``joiner`` rejoins, bringing ``joiner_experts`` (already loaded).
+
+    The joiner computes the experts it brought; the ranks that took them over
+    during the shrink stop computing them (their weights stay loaded, unmapped,
+    so the combine's sum counts every expert once). If the joiner did not make
+    it into ``members``, the placement stays as it was.
+    """
+    if joiner not in members:
+        return {r: tuple(current.get(r, ())) for r in members}
+    brought = set(joiner_experts)
+    placement = {r: tuple(e for e in current.get(r, ()) if e not in brought)
+                 for r in members if r != joiner}
+    placement[joiner] = tuple(sorted(brought))
+    return placement

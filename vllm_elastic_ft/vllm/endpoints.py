@@ -186,6 +186,28 @@ class ElasticFTEndpoints:
                 return Response(status_code=503)
             return Response(status_code=200)
 
+        @router.post("/elastic_ft/replace")
+        async def elastic_ft_replace(request: Request) -> JSONResponse:
+            group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
+            recovery = group.recovery if group is not None else None
+            if recovery is None:
+                return JSONResponse({"error": "in-engine rebuild is not on in this server"},
+                                    status_code=400)
+            body = await request.json()
+            rank = body.get("rank") if isinstance(body, dict) else None
+            if not isinstance(rank, int):
+                return JSONResponse({"error": "field 'rank': an int, the lost DP rank to "
+                                              f"replace (lost: {sorted(recovery.lost)})"},
+                                    status_code=400)
+            try:
+                result = await recovery.replace(rank, group.config.rebuild_budget_s * 10)
+            except ValueError as err:
+                return JSONResponse({"error": str(err)}, status_code=409)
+            except Exception as err:  # the group goes on without the replacement
+                logger.exception("vllm-elastic-ft: replacing DP rank %d failed", rank)
+                return JSONResponse({"error": f"{type(err).__name__}: {err}"}, status_code=500)
+            return JSONResponse(result)
+
         app.include_router(router)
 
         @app.middleware("http")
@@ -195,7 +217,11 @@ class ElasticFTEndpoints:
             # balancer retries them on another group). Requests already
             # accepted are not touched.
             group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
-            if (group is not None and not group.controller.view.serving
+            # A planned admission (a replacement rank joining) pauses the group:
+            # requests are queued by vLLM's pause, not refused.
+            admitting = group is not None and group.recovery is not None and \
+                group.recovery.admitting
+            if (group is not None and not group.controller.view.serving and not admitting
                     and request.url.path.startswith(INFERENCE_PREFIXES)):
                 view = group.controller.view
                 return JSONResponse(

@@ -16,7 +16,10 @@ dead must not register), they adopt what the workers agreed
 * An engine that is not a member of the new epoch raises FencedError and exits
   (the front end has already taken it out of routing).
 * If DP rank 0 was lost, the lowest surviving engine takes over rank 0's one
-  duty in the busy loop (telling the coordinator a wave is complete).
+  duty in the busy loop (telling the coordinator a wave is complete), and hands
+  it back when a replacement rank 0 is admitted.
+* A replacement engine (``vllm/replacement.py``) syncs with itself alone until
+  it is admitted (:meth:`EngineGroup.admitted`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ ENGINE_GROUP = "engine"
 
 
 class EngineGroup:
-    def __init__(self, rank_id: int, world: int, store, config):
+    def __init__(self, rank_id: int, world: int, store, config, joining: bool = False):
         self.id = rank_id
         self.world = world
         self.store = store
@@ -48,7 +51,11 @@ class EngineGroup:
         self.epoch = 0
         self.members: tuple[int, ...] = tuple(range(world))
         self.pg = ElasticProcessGroup(store, pg_timeout(config.rebuild_budget_s))
-        self.pg.configure(f"eft/{ENGINE_GROUP}/e0/pg", rank_id, world)
+        self.joining = joining
+        if joining:
+            self.epoch, self.members = -1, ()
+        else:
+            self.pg.configure(f"eft/{ENGINE_GROUP}/e0/pg", rank_id, world)
 
     def bind(self, engine) -> None:
         self.engine = engine
@@ -74,15 +81,24 @@ class EngineGroup:
         rank = membership.members.index(self.id)
         self.pg.configure(f"eft/{ENGINE_GROUP}/e{epoch}/pg", rank, len(membership.members))
         self.epoch, self.members = epoch, membership.members
-        if self.engine is not None and 0 not in self.members and self.id == min(self.members):
+        if self.engine is not None:
             # vLLM's busy loop lets only dp_rank 0 report "wave complete" to the
             # coordinator; someone must, or the coordinator thinks we never idle.
-            self.engine.dp_rank = 0
+            acting_zero = 0 not in self.members and self.id == min(self.members)
+            self.engine.dp_rank = 0 if acting_zero else self.id
         logger.warning("engine %d: DP sync now over engines %s (epoch %d)", self.id,
                        list(self.members), epoch)
 
+    def admitted(self) -> None:
+        """This engine's worker was just admitted (or admitted a joiner): sync with the new
+        epoch's engines from now on (every engine of it calls this at the same time)."""
+        self.joining = False
+        self.follow()
+
     def sync_state(self, has_unfinished: bool, pending_pause: bool) -> tuple[bool, bool]:
         """``(any engine has work, every engine wants to pause)`` over the live engines."""
+        if self.joining:  # not admitted yet: alone
+            return has_unfinished, pending_pause
         self.follow()
         tensor = torch.tensor([int(has_unfinished), int(pending_pause)], dtype=torch.int32)
         epoch = self.epoch
@@ -106,6 +122,10 @@ _group: EngineGroup | None = None
 _off = False
 
 
+def current_engine_group() -> EngineGroup | None:
+    return _group
+
+
 def engine_group(rank_id: int, world: int) -> EngineGroup | None:
     global _group, _off
     if _group is not None or _off:
@@ -118,5 +138,8 @@ def engine_group(rank_id: int, world: int) -> EngineGroup | None:
         return None
     from vllm_elastic_ft.faults import connect_store
 
-    _group = EngineGroup(rank_id, world, connect_store(store_address()), process_config())
+    from vllm_elastic_ft.vllm.replacement import replaced_rank
+
+    _group = EngineGroup(rank_id, world, connect_store(store_address()), process_config(),
+                         joining=replaced_rank() == rank_id)
     return _group

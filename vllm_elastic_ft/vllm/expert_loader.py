@@ -150,6 +150,26 @@ def load_experts(layer: torch.nn.Module, experts: list[int], index: CheckpointIn
     layer.moe_config.num_local_experts = manager._local_num_experts
 
 
+def unmap_experts(model: torch.nn.Module, experts: list[int]) -> None:
+    """Stop computing ``experts`` on this rank (a rejoined rank computes them again).
+
+    Their weights stay in their slots, unmapped (a later shrink that needs
+    them again appends a fresh copy from the checkpoint: slots are not reused).
+    """
+    if not experts:
+        return
+    ids = torch.tensor(experts)
+    for layer in moe_layers(model):
+        manager = layer.expert_map_manager
+        if manager._expert_map is None:
+            continue
+        manager._expert_map[ids] = -1
+        if manager._expert_mask is not None:
+            manager._expert_mask[ids] = 0
+        layer.update_expert_map_info()
+    logger.warning("stopped computing experts %s (a rejoined rank computes them)", experts)
+
+
 def load_orphans(model: torch.nn.Module, experts: list[int], checkpoint_dir: str) -> int:
     """Load ``experts`` into every MoE layer of ``model``; returns the parameters added."""
     if not experts:

@@ -16,6 +16,12 @@ via :meth:`FrontEndRecovery.exclude`) — and then, on the AsyncLLM event loop:
 
 Requests are cached (the ``EngineCoreRequest`` the client sent) from routing to
 completion, since vLLM's front end keeps only part of a request.
+
+:meth:`FrontEndRecovery.replace` brings a lost rank back: it starts a
+replacement engine (``vllm/replacement.py``), pauses the live engines (vLLM's
+DP-aware pause, mode ``keep``: nothing is aborted, new requests queue), has
+every engine admit the replacement (``elastic_ft_admit``), routes to it again
+and resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from typing import Any
 
 from vllm_elastic_ft.logging_utils import get_logger
@@ -42,6 +49,10 @@ class FrontEndRecovery:
         self.llm = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        #: True while a replacement is being admitted (the group is paused, not broken).
+        self.admitting = False
+        self._replacing: int | None = None
+        self.replacements: dict[int, Any] = {}  # rank -> its replacement engine process
 
     # ------------------------------------------------------------- binding
     def bind_client(self, client) -> None:
@@ -80,6 +91,73 @@ class FrontEndRecovery:
 
     def live_indexes(self, count: int) -> list[int]:
         return [i for i in range(count) if i not in self.lost]
+
+    # ------------------------------------------------------------ rejoin
+    async def replace(self, rank: int, timeout_s: float) -> dict:
+        """Start a new engine for lost DP ``rank`` and admit it into the group.
+
+        Raises ValueError (rank not lost / a replacement under way) or
+        RuntimeError / TimeoutError (the engine did not start or was not admitted;
+        the group goes on without it).
+        """
+        if rank not in self.lost:
+            raise ValueError(f"DP rank {rank} is not lost (lost: {sorted(self.lost)})")
+        if self._replacing is not None:
+            raise ValueError(f"a replacement of DP rank {self._replacing} is under way")
+        from vllm.v1.executor import Executor
+
+        from vllm_elastic_ft.vllm.replacement import launch_engine
+
+        llm = self.llm
+        client = llm.engine_core
+        self.bind_client(client)
+        self._replacing = rank
+        started = time.time()
+        self.events.append({"t": started, "event": "replacement_started", "rank": rank})
+        try:
+            process = await asyncio.wait_for(asyncio.to_thread(
+                launch_engine, client, llm.vllm_config, Executor.get_class(llm.vllm_config),
+                llm.log_stats, rank), timeout_s)
+            loaded = time.time()
+            self.events.append({"t": loaded, "event": "replacement_loaded", "rank": rank,
+                                "pid": process.pid})
+            members = await self._admit(client, rank, timeout_s)
+            self.replacements[rank] = process
+        finally:
+            self._replacing = None
+        admitted = time.time()
+        self.events.append({"t": admitted, "event": "replacement_admitted", "rank": rank,
+                            "members": members})
+        logger.warning("front end: DP rank %d replaced (pid %d): started in %.1fs, admitted in "
+                       "%.2fs; members %s", rank, process.pid, loaded - started,
+                       admitted - loaded, members)
+        return {"rank": rank, "pid": process.pid, "members": members,
+                "start_s": round(loaded - started, 3), "admit_s": round(admitted - loaded, 3)}
+
+    async def _admit(self, client, rank: int, timeout_s: float) -> list[int]:
+        identity = client.core_engines[rank]
+        ticket = f"{rank}-{uuid.uuid4().hex[:8]}"
+        self.admitting = True
+        try:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            engines = [client.core_engines[i] for i in self.live_indexes(len(client.core_engines))]
+            results = await asyncio.wait_for(asyncio.gather(*[
+                client._call_utility_async("elastic_ft_admit", rank, ticket, client.current_wave,
+                                           engine=engine) for engine in engines + [identity]]),
+                timeout_s)
+            members = results[-1]
+            if rank in members:
+                with self._lock:
+                    self.lost.discard(rank)
+                client.engine_inflight[identity] = 0
+        finally:
+            try:
+                await self.llm.resume_generation()
+            finally:
+                self.admitting = False
+        if rank not in members:
+            raise RuntimeError(f"DP rank {rank} was not admitted (members {members})")
+        return members
 
     # --------------------------------------------------------- re-submission
     async def _move_requests(self, rank: int) -> None:
@@ -158,6 +236,7 @@ class FrontEndRecovery:
 
     def status(self) -> dict:
         return {"lost_ranks": sorted(self.lost), "requests_resubmitted": self.resubmitted,
+                "replaced_ranks": sorted(self.replacements),
                 "events": self.events[-20:]}
 
 

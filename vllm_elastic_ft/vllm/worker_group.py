@@ -17,6 +17,11 @@ patches then redo the interrupted step on the new group (see
 ``patches/step_retry.py``): every survivor redoes "batch all-reduce, then
 forward", whichever collective it was in, and the all-reduce carries each
 rank's step number so a survivor that is a step apart is caught, not mixed in.
+
+A replacement worker (``vllm/replacement.py``) starts *joining*: until it is
+admitted its collectives are local (every other rank counts 0 tokens), which is
+all its warm-up needs; :meth:`WorkerGroup.admit` then brings it in at the next
+epoch together with the members (a planned fence, ``epochs.admit``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from vllm_elastic_ft.group import membership as ms
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.fencing import FencedError
 from vllm_elastic_ft.group.state_machine import (
-    GroupState, PeerFenced, RebuildDone, RebuildFailed, RebuildStarted, Served,
+    GroupState, JoinRequested, PeerFenced, RebuildDone, RebuildFailed, RebuildStarted, Served,
 )
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.process_config import in_engine_rebuild_on, process_config
@@ -62,7 +67,7 @@ def pg_prefix(epoch: int) -> str:
 class WorkerGroup:
     """One worker's membership in its DP group (stable id = its DP rank)."""
 
-    def __init__(self, rank_id: int, world: int, store, config):
+    def __init__(self, rank_id: int, world: int, store, config, joining: bool = False):
         self.id = rank_id
         self.world = world
         self.store = store
@@ -86,10 +91,16 @@ class WorkerGroup:
         self._idle_rebuild: threading.Thread | None = None
         self._fenced_out: BaseException | None = None
         self.last_column: list[int] | None = None
-        self.pg.configure(pg_prefix(0), rank_id, world)
+        # A replacement rank runs alone until the group admits it (see admit()).
+        self.joining = joining
+        if joining:
+            self.members = ms.Membership(-1, (rank_id,), {}, -1)
+        else:
+            self.pg.configure(pg_prefix(0), rank_id, world)
         self.watchdog.after_tick = self._maybe_rebuild_while_idle
-        logger.info("elastic DP group: worker rank %d/%d on its own epoch-0 communicator",
-                    rank_id, world)
+        logger.info("elastic DP group: worker rank %d/%d %s", rank_id, world,
+                    "joining (alone until admitted)" if joining
+                    else "on its own epoch-0 communicator")
 
     # ------------------------------------------------------------ model
     def attach_model(self, model, checkpoint_dir: str, num_experts: int) -> None:
@@ -97,6 +108,13 @@ class WorkerGroup:
         if self.model is not None:
             return
         self.model, self.checkpoint_dir, self.num_experts = model, checkpoint_dir, num_experts
+        if self.joining:
+            from vllm_elastic_ft.vllm.expert_loader import local_experts, moe_layers
+
+            layers = moe_layers(model)
+            held = tuple(local_experts(layers[0])) if layers else ()
+            self.members = ms.Membership(-1, (self.id,), {self.id: held}, -1)
+            return
         if num_experts and not self.members.placement:
             self.members = epochs.initial(self.world, num_experts)
             self.store.set(epochs.num_experts_key(GROUP_NAME), str(num_experts))
@@ -137,6 +155,10 @@ class WorkerGroup:
                 self.step += 1
             self.last_column = list(column)
         rows = len(self.last_column)
+        if self.joining:  # alone: the other ranks count 0 tokens
+            out = torch.zeros(rows, self.world, dtype=torch.int32)
+            out[:, self.id] = torch.tensor(self.last_column, dtype=torch.int32)
+            return out
         for _ in range(self.config.max_rebuilds + 1):
             self.follow()
             members = self.live
@@ -163,6 +185,8 @@ class WorkerGroup:
 
     def all_gatherv(self, tensors: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
         """MoE dispatch over the live members; dead ranks' slots come back as zero rows."""
+        if self.joining:
+            return [_insert_dead_rows(t, sizes, (self.id,)) for t in tensors]
         self.follow()
         members = self.live
         gathered = guarded_dispatch(self.watchdog, list(tensors), [sizes[r] for r in members],
@@ -174,6 +198,9 @@ class WorkerGroup:
 
     def reduce_scatterv(self, tensor: torch.Tensor, sizes: Sequence[int], mode: str) -> torch.Tensor:
         """MoE combine over the live members (dead ranks' rows are dropped)."""
+        if self.joining:
+            start = sum(sizes[:self.id])
+            return tensor[start:start + sizes[self.id]]
         self.follow()
         members = self.live
         if len(members) < self.world:
@@ -242,6 +269,49 @@ class WorkerGroup:
                        self.id, new.epoch, list(new.members), time.monotonic() - started,
                        list(new.placement[self.id]))
 
+    def admit(self, joiner: int, ticket: str) -> ms.Membership:
+        """Bring ``joiner`` (a replacement rank) into the group at the next epoch.
+
+        Called on every member and on the joiner at once, while the engines are
+        paused between steps (the front end orchestrates it). The joiner keeps
+        the experts it loaded; members stop computing those experts; the
+        joiner takes the members' step number so the step check stays exact.
+        """
+        with self._lock:
+            started = time.monotonic()
+            old = None if self.joining else self.members
+            held = self.members.placement.get(self.id, ())
+            new = epochs.admit(self.store, GROUP_NAME, old, self.id, joiner, ticket,
+                               held if old is None else None, self.step,
+                               self.config.join_window_s, self.config.rebuild_budget_s)
+            if old is not None:
+                self.controller.handle(JoinRequested(joiner))
+                self.controller.handle(PeerFenced(new.epoch))
+            else:
+                self.controller.handle(PeerFenced(new.epoch))
+            self.controller.handle(RebuildStarted(new.epoch))
+            me = new.group_rank(self.id)
+            self.watchdog.reconfigure(new.epoch, me, len(new.members))
+            if old is not None:
+                dropped = [e for e in old.placement.get(self.id, ())
+                           if e not in new.placement.get(self.id, ())]
+                if dropped and self.model is not None:
+                    from vllm_elastic_ft.vllm.expert_loader import unmap_experts
+
+                    unmap_experts(self.model, dropped)
+            else:
+                peer = next(r for r in new.members if r != self.id)
+                self.step = int(self.store.get(epochs.step_key(GROUP_NAME, new.epoch, peer)))
+            self.pg.configure(pg_prefix(new.epoch), me, len(new.members))
+            self.members = new
+            self.joining = False
+            self.controller.handle(RebuildDone(new.epoch, new.members))
+            logger.warning("rank %d: %s rank %d at epoch %d, members %s, in %.3fs (computes "
+                           "experts %s)", self.id, "joined as" if old is None else "admitted",
+                           joiner, new.epoch, list(new.members), time.monotonic() - started,
+                           list(new.placement[self.id]))
+            return new
+
     def step_done(self) -> None:
         """The step's forward returned (or failed for good): the rank is idle again."""
         with self._lock:
@@ -250,7 +320,8 @@ class WorkerGroup:
     def _maybe_rebuild_while_idle(self) -> None:
         """Watcher thread, after each tick: an idle rank whose peer failed (or whose group
         moved on) rebuilds now, so the group is ready before the next request comes."""
-        if self.model is None or not self.watchdog.peer_failed() or self._fenced_out is not None:
+        if (self.model is None or self.joining or not self.watchdog.peer_failed()
+                or self._fenced_out is not None):
             return
         if self._idle_rebuild is not None and self._idle_rebuild.is_alive():
             return
@@ -325,7 +396,10 @@ def worker_group(rank_id: int, world: int) -> WorkerGroup | None:
         return None
     from vllm_elastic_ft.faults import connect_store
 
-    _group = WorkerGroup(rank_id, world, connect_store(store_address()), process_config())
+    from vllm_elastic_ft.vllm.replacement import replaced_rank
+
+    _group = WorkerGroup(rank_id, world, connect_store(store_address()), process_config(),
+                         joining=replaced_rank() == rank_id)
     atexit.register(_group.pg.shutdown)
     return _group
 

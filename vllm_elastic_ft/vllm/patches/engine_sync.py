@@ -6,13 +6,16 @@ pausing?" over a gloo group (``ParallelConfig.sync_dp_state``, called only from
 loss that group has a dead member and its store lives in DP rank 0's engine.
 With ``in_engine_rebuild`` the sync runs on the plugin's epoch-scoped engine
 group instead (``vllm/engine_group.py``), which follows the workers' rebuilds.
+``ParallelConfig.has_unfinished_dp`` (the barrier of a DP-aware resume after a
+pause) runs there too, so pause/resume keeps working after a rank loss.
+A replacement engine has no vLLM DP group at all (``vllm/replacement.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.vllm.engine_group import engine_group
+from vllm_elastic_ft.vllm.engine_group import current_engine_group, engine_group
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 
@@ -36,11 +39,25 @@ HAS_GLOBAL_UNFINISHED = PatchSpec(
     params=("self", "local_unfinished"),
 )
 
-SPECS = (SYNC_DP_STATE, HAS_GLOBAL_UNFINISHED)
+HAS_UNFINISHED_DP = PatchSpec(
+    target="vllm.config.parallel:ParallelConfig.has_unfinished_dp",
+    why="A DP-aware resume (after pause_generation) all-reduces over vLLM's DP group, which "
+    "has a dead member after a rank loss (and a replacement engine has none).",
+    how="Run it as a sync on the plugin's engine group.",
+    upstream="vllm-project/vllm#39863, #30112",
+    remove_when="vLLM's engine DP group can shrink around a lost engine.",
+    params=("dp_group", "has_unfinished"),
+)
+
+SPECS = (SYNC_DP_STATE, HAS_GLOBAL_UNFINISHED, HAS_UNFINISHED_DP)
 
 
 def _group_for(dp_group):
-    if not process_config().enabled or dp_group is None or dp_group.size() < 2:
+    if not process_config().enabled:
+        return None
+    if dp_group is None:  # a replacement engine (no vLLM DP group)
+        return current_engine_group()
+    if dp_group.size() < 2:
         return None
     return engine_group(dp_group.rank(), dp_group.size())
 
@@ -57,7 +74,9 @@ def _make_sync_dp_state(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _make_has_global_unfinished(original: Callable[..., Any]) -> Callable[..., Any]:
     def _has_global_unfinished_reqs(self, local_unfinished: bool) -> bool:
-        group = _group_for(getattr(self, "dp_group", None))
+        dp_group = getattr(self, "dp_group", None)
+        group = _group_for(dp_group) if dp_group is not None else (
+            engine_group(self.dp_rank, self.dp_size) if process_config().enabled else None)
         if group is not None and group.engine is None:
             group.bind(self)
         return original(self, local_unfinished)
@@ -65,6 +84,17 @@ def _make_has_global_unfinished(original: Callable[..., Any]) -> Callable[..., A
     return _has_global_unfinished_reqs
 
 
+def _make_has_unfinished_dp(original: Callable[..., Any]) -> Callable[..., Any]:
+    def has_unfinished_dp(dp_group, has_unfinished: bool) -> bool:
+        group = _group_for(dp_group)
+        if group is None:
+            return original(dp_group, has_unfinished)
+        return group.sync_state(has_unfinished, False)[0]
+
+    return has_unfinished_dp
+
+
 def apply() -> None:
     apply_patch(SYNC_DP_STATE, _make_sync_dp_state, kind="staticmethod")
     apply_patch(HAS_GLOBAL_UNFINISHED, _make_has_global_unfinished)
+    apply_patch(HAS_UNFINISHED_DP, _make_has_unfinished_dp, kind="staticmethod")

@@ -1,0 +1,106 @@
+"""Let a replacement DP rank start beside a running group, and let engines admit it.
+
+The first two patches change nothing in an ordinary process: they act only in
+a process started by ``vllm/replacement.py`` (``VLLM_ELASTIC_FT_REPLACES_RANK``
+set). The third adds one engine-core utility method, ``elastic_ft_admit``,
+which the front end calls on every engine (vLLM 0.32.0 runs a utility call on
+the engine's busy-loop thread, between steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.replacement import (
+    admit_in_worker, alone_in_world, replaced_rank, take_logical_dp_rank,
+)
+
+logger = get_logger(__name__)
+
+STATELESS_DP_GROUP = PatchSpec(
+    target="vllm.config.parallel:ParallelConfig.stateless_init_dp_group",
+    why="A DP engine core joins a rendezvous of all N engines at start-up; the running "
+    "engines of a group never attend one again, so a replacement would wait forever.",
+    how="In a replacement engine only: no vLLM DP group (None); the engine's DP sync runs "
+    "on the plugin's engine group.",
+    upstream="vllm-project/vllm#30112 (keep survivors when a DP process dies)",
+    remove_when="vLLM can add an engine to a running DP group.",
+    params=("self", "return_store"),
+)
+
+WORKER_DISTRIBUTED_INIT = PatchSpec(
+    target="vllm.v1.worker.cpu_worker:init_worker_distributed_environment",
+    why="A worker's torch.distributed world spans every DP rank and is formed once, at "
+    "start-up; a replacement worker cannot enter it.",
+    how="In a replacement worker only: build the world and groups as if DP were 1, then make "
+    "the DP/EP coordinators report the replaced DP rank of N (they carry no traffic).",
+    upstream="vllm-project/vllm#30112",
+    remove_when="vLLM can add a rank to a running DP/EP group on CPU.",
+    params=("vllm_config", "rank", "distributed_init_method", "local_rank", "backend"),
+)
+
+SPECS = (STATELESS_DP_GROUP, WORKER_DISTRIBUTED_INIT)
+
+
+def _make_stateless_init_dp_group(original: Callable[..., Any]) -> Callable[..., Any]:
+    def stateless_init_dp_group(self, return_store: bool = False):
+        if replaced_rank() is None:
+            return original(self, return_store)
+        logger.warning("replacement engine for DP rank %s: no vLLM DP group (the plugin's "
+                       "engine group syncs it once admitted)", replaced_rank())
+        return (None, None) if return_store else None
+
+    return stateless_init_dp_group
+
+
+def _make_worker_distributed_init(original: Callable[..., Any]) -> Callable[..., Any]:
+    def init_worker_distributed_environment(vllm_config, rank: int,
+                                            distributed_init_method: str | None = None,
+                                            local_rank: int = -1, backend: str = "nccl"):
+        replaced = replaced_rank()
+        if replaced is None:
+            return original(vllm_config, rank, distributed_init_method, local_rank, backend)
+        parallel_config = vllm_config.parallel_config
+        with alone_in_world(parallel_config):
+            original(vllm_config, rank, distributed_init_method, local_rank, backend)
+        take_logical_dp_rank(replaced, parallel_config.data_parallel_size,
+                             parallel_config.enable_expert_parallel)
+
+    return init_worker_distributed_environment
+
+
+def elastic_ft_admit(self, joiner: int, ticket: str, wave: int) -> list[int]:
+    """Engine-core utility: admit ``joiner`` into the DP group (this engine's share).
+
+    Every live engine and the joiner's engine run it at the same time, while
+    the live ones are paused (vLLM's DP-aware pause): each engine's worker
+    agrees on the new epoch (``WorkerGroup.admit``), then the engines' DP sync
+    moves to that epoch. The joiner starts in the live engines' wave, as an
+    engine that has just paused.
+    """
+    from vllm_elastic_ft.vllm.engine_group import engine_group
+
+    members = self.model_executor.collective_rpc(admit_in_worker, args=(joiner, ticket))[0]
+    group = engine_group(self.engine_index, self.dp_size)
+    if group is None:
+        raise RuntimeError("no elastic engine group in this engine (in_engine_rebuild off?)")
+    group.bind(self)
+    group.admitted()
+    if self.engine_index == joiner:
+        self.current_wave = max(self.current_wave, wave)
+        self.step_counter = 0
+        self.engines_running = False
+    logger.warning("engine %d: DP rank %d admitted; members %s", self.engine_index, joiner,
+                   members)
+    return members
+
+
+def apply() -> None:
+    apply_patch(STATELESS_DP_GROUP, _make_stateless_init_dp_group)
+    apply_patch(WORKER_DISTRIBUTED_INIT, _make_worker_distributed_init)
+    from vllm.v1.engine.core import DPEngineCoreProc
+
+    if not hasattr(DPEngineCoreProc, "elastic_ft_admit"):
+        DPEngineCoreProc.elastic_ft_admit = elastic_ft_admit
