@@ -7,7 +7,12 @@ In order, on the same server:
    ranks 1-3 inside the running engines (same API server and engines, the
    orphaned experts loaded from the checkpoint), every request completes and
    the outputs still equal the DP=1 reference;
-3. a second fault during a rebuild (the rebuild is held by fault injection, and
+3. rejoin: a replacement engine and worker for DP rank 0 (``POST
+   /elastic_ft/replace``) load rank 0's experts and are admitted at a new epoch
+   while requests keep coming (no client retries): the group is back to 4 ranks
+   and vLLM's layout, the other engines never restarted, outputs still equal
+   the DP=1 reference;
+4. a second fault during a rebuild (the rebuild is held by fault injection, and
    another rank is killed inside it): the group ends READY/HEALTHY or FAILED
    within its budget, never hangs, and if it serves its outputs are correct.
 """
@@ -101,8 +106,49 @@ def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_t
     assert _greedy(dp4_server) == reference_tokens
 
 
+def _engine_successes(server: VLLMServer, engine: int) -> float:
+    pattern = rf'vllm:request_success_total{{engine="{engine}",finished_reason="length"[^}}]*}} (\S+)'
+    return sum(float(v) for v in re.findall(pattern, server.get_text("/metrics")))
+
+
+def test_replacement_rank0_rejoins_under_load(dp4_server, reference_tokens):
+    before = dp4_server.get_json("/elastic_ft/status")
+    assert before["recovery"]["lost_ranks"] == [0] and before["live_ranks"] == [1, 2, 3]
+    engines_before = faults.find_rank_processes(dp4_server.proc.pid)
+    served_by_0 = _engine_successes(dp4_server, 0)
+    results = []
+    load = threading.Thread(target=lambda: results.append(run_load(
+        dp4_server.url, PROMPTS, 40, 8, max_tokens=32, timeout_s=120, progress_every_s=None)),
+        daemon=True)
+    load.start()
+    time.sleep(1.5)  # requests are running on ranks 1-3
+    code, answer = dp4_server.post_json("/elastic_ft/replace", {"rank": 0})
+    assert code == 200, (answer, dp4_server.log_tail(80))
+    assert answer["members"] == [0, 1, 2, 3]
+    load.join(timeout=180)
+    # No client retries, and every request completed: the admission paused the
+    # group (requests queued), it refused or lost nothing.
+    assert results and results[0].failed == 0 and results[0].ok == 40, results
+    status = _wait_status(dp4_server, lambda s: s["live_ranks"] == [0, 1, 2, 3], 10)
+    assert status["epoch"] == before["epoch"] + 1 and status["recovery"]["lost_ranks"] == []
+    assert status["recovery"]["replaced_ranks"] == [0]
+    # Back to vLLM's layout: the replacement computes the experts it loaded (0, 1);
+    # the rank that took them over in the shrink stopped computing them.
+    assert status["expert_placement"] == {"0": [0, 1], "1": [2, 3], "2": [4, 5], "3": [6, 7]}
+    stopped = [int(e) for group in re.findall(r"stopped computing experts \[([\d, ]+)\]",
+                                               dp4_server.log_text()) for e in group.split(", ")]
+    assert sorted(stopped) == [0, 1], stopped
+    engines_after = faults.find_rank_processes(dp4_server.proc.pid)
+    for rank in (1, 2, 3):
+        assert engines_after[rank] == engines_before[rank]
+    assert engines_after[0]["engine"] == answer["pid"]
+    assert _greedy(dp4_server) == reference_tokens
+    assert _engine_successes(dp4_server, 0) > served_by_0  # the replacement serves
+
+
 def test_second_fault_during_rebuild_ends_in_ready_or_failed(dp4_server, reference_tokens):
     status = dp4_server.get_json("/elastic_ft/status")
+    epoch, survivors = status["epoch"], [r for r in status["live_ranks"] if r not in (2, 3)]
     store = faults.connect_store(status["watchdog"]["store"])
     faults.set_rebuild_delay(store, "dp", 1.5)
     first = faults.rank_pid(dp4_server.proc.pid, 3, "worker")
@@ -114,7 +160,7 @@ def test_second_fault_during_rebuild_ends_in_ready_or_failed(dp4_server, referen
     load.start()
     time.sleep(1.5)
     faults.signal_process("kill", first, 3)
-    _wait_status(dp4_server, lambda s: s["epoch"] >= 2, 10)
+    _wait_status(dp4_server, lambda s: s["epoch"] >= epoch + 1, 10)
     time.sleep(0.3)  # the survivors sit in their (held) rebuild
     faults.signal_process("kill", second, 2)
     started = time.monotonic()
@@ -128,7 +174,7 @@ def test_second_fault_during_rebuild_ends_in_ready_or_failed(dp4_server, referen
         except OSError:
             final = {}
         if final.get("state") == "FAILED" or (final.get("state") == "HEALTHY"
-                                              and final["live_ranks"] == [1]):
+                                              and final["live_ranks"] == survivors):
             break
         time.sleep(0.05)
     # Settled one way or the other within the budget: never a hang.

@@ -79,6 +79,87 @@ def test_a_rank_two_epochs_behind_builds_on_the_latest_placement(store):
     assert sorted(e for v in second[0].placement.values() for e in v) == list(range(8))
 
 
+def _admit_all(store, members, joiner, step=7, window_s=2.0, joiner_experts=(2, 3)):
+    """Every member (with its membership) and the joiner (with its experts) admit at once."""
+    results, errors = {}, {}
+
+    def run(rank, old):
+        try:
+            results[rank] = epochs.admit(store, "dp", old, rank, joiner, "t1",
+                                         joiner_experts if old is None else None,
+                                         step if old is not None else -1, window_s, 10)
+        except Exception as err:  # collected and asserted on below
+            errors[rank] = err
+
+    threads = [threading.Thread(target=run, args=(r, m)) for r, m in members.items()]
+    threads.append(threading.Thread(target=run, args=(joiner, None)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_a_replacement_rank_is_admitted_with_the_experts_it_brought(store):
+    shrunk, _ = _advance_all(store, epochs.initial(4, 8), [0, 2, 3], {1})
+    assert 1 not in shrunk[0].members
+    results, errors = _admit_all(store, shrunk, joiner=1)
+    assert not errors, errors
+    assert {m.members for m in results.values()} == {(0, 1, 2, 3)}
+    assert {m.epoch for m in results.values()} == {2} and current_epoch(store, "dp") == 2
+    placement = results[1].placement
+    assert all(m.placement == placement for m in results.values())
+    # Back to vLLM's layout: the joiner computes what it loaded, nobody else does.
+    assert placement == {0: (0, 1), 1: (2, 3), 2: (4, 5), 3: (6, 7)}
+    # The joiner adopts the members' step number (the batch all-reduce checks it).
+    assert int(store.get(epochs.step_key("dp", 2, 0))) == 7
+
+
+def test_a_replacement_that_never_registers_leaves_the_group_as_it_was(store):
+    shrunk, _ = _advance_all(store, epochs.initial(4, 8), [0, 2, 3], {1})
+    results, errors = {}, {}
+
+    def run(rank):
+        results[rank] = epochs.admit(store, "dp", shrunk[rank], rank, 1, "t2", None, 3, 0.3, 10)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {m.members for m in results.values()} == {(0, 2, 3)}
+    assert results[0].placement == shrunk[0].placement
+
+
+def test_admission_placement_moves_the_joiners_experts_back():
+    from vllm_elastic_ft.placement.solver import admit
+
+    current = {0: (0, 1, 2, 3), 2: (4, 5), 3: (6, 7)}
+    assert admit(current, [0, 1, 2, 3], 1, (2, 3)) == {0: (0, 1), 1: (2, 3), 2: (4, 5),
+                                                       3: (6, 7)}
+    assert admit(current, [0, 2, 3], 1, (2, 3)) == current
+
+
+def test_a_joining_worker_runs_its_collectives_alone():
+    """Before admission a replacement worker's warm-up steps touch no peer: the other
+    ranks count 0 tokens, dispatch pads their rows with zeros, combine keeps its own."""
+    from vllm_elastic_ft.vllm.worker_group import WorkerGroup
+
+    group = WorkerGroup.__new__(WorkerGroup)
+    group.id, group.world, group.joining = 1, 3, True
+    group._lock = threading.RLock()
+    group._in_step = group._redo_step = False
+    group.step, group.last_column = 0, None
+    counts = group.all_reduce_batch([5, 8, 0, 1])
+    assert counts.tolist() == [[0, 5, 0], [0, 8, 0], [0, 0, 0], [0, 1, 0]]
+    rows = torch.ones(2, 4)
+    gathered = group.all_gatherv([rows], [3, 2, 1])
+    assert gathered[0].shape == (6, 4) and gathered[0][3:5].eq(1).all()
+    assert gathered[0][:3].eq(0).all() and gathered[0][5:].eq(0).all()
+    combined = group.reduce_scatterv(torch.arange(6.0).unsqueeze(1), [3, 2, 1], "all_to_all")
+    assert combined.flatten().tolist() == [3.0, 4.0]
+
+
 def test_dead_ranks_get_zero_rows_in_a_dispatch_result():
     from vllm_elastic_ft.vllm.worker_group import _insert_dead_rows
 

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-hold-s", type=float, default=2.0,
                    help="with --second-fault-rank: injected time each rebuild is held")
     p.add_argument("--role", choices=faults.PROCESS_ROLES, default="worker")
+    p.add_argument("--rejoin", action="store_true",
+                   help="once the group serves again, start a replacement for the lost rank "
+                   "(POST /elastic_ft/replace) and admit it: the group goes back to --dp ranks")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--deadline-s", type=float, default=2.0, help="watchdog deadline")

@@ -144,6 +144,21 @@ def _orchestrate(deployment: Deployment, timeline: Timeline, fault_at: threading
         time.sleep(0.1)
 
 
+def _rejoin(deployment: Deployment, timeline: Timeline, rank: int, out: dict) -> None:
+    """Replace lost DP ``rank`` through the API server and record how it went in ``out``."""
+    timeline.add(f"rejoin: replacement for DP rank {rank} requested (POST /elastic_ft/replace)")
+    code, answer = deployment.server.post_json("/elastic_ft/replace", {"rank": rank})
+    out["admitted_at"] = time.time()
+    if code != 200:
+        out["error"] = answer.get("error", f"HTTP {code}")
+        timeline.add(f"rejoin: failed ({out['error']})")
+        return
+    out.update(admitted=True, start_s=answer["start_s"], admit_s=answer["admit_s"],
+               members=answer["members"])
+    timeline.add(f"rejoin: DP rank {rank} admitted, members {answer['members']} (engine up in "
+                 f"{answer['start_s']:.1f}s, pause+admit+resume {answer['admit_s']:.2f}s)")
+
+
 def _interruption_s(load: LoadSummary, fault_wall: float, t0_wall: float, t0_mono: float) -> float:
     """Longest gap between successful completions after the fault (0: none)."""
     fault_mono = t0_mono + (fault_wall - t0_wall)
@@ -225,6 +240,10 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
             faults.set_rebuild_delay(faults.connect_store(store_address), "dp", args.rebuild_hold_s)
             timeline.add(f"injected: rebuilds held {args.rebuild_hold_s}s (second fault lands in one)")
         fault_fired, load_done, stop_following = (threading.Event() for _ in range(3))
+        rejoin: dict = {}
+        rejoin_thread = threading.Thread(target=_rejoin, args=(deployment, timeline,
+                                                                args.fault_rank, rejoin),
+                                         daemon=True)
         trigger_at = max(1, args.requests // 3)
         done_count = [0]
 
@@ -252,6 +271,10 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
             if (state == "REBUILDING" and args.second_fault_rank is not None
                     and len(injection) == 1):
                 inject("kill", args.second_fault_rank, " during the rebuild")
+            if (state == "HEALTHY" and args.rejoin and injection and deployment.starts == 1
+                    and not rejoin_thread.is_alive() and not rejoin):
+                rejoin["requested_at"] = time.time()
+                rejoin_thread.start()
             if (state in ("READY", "HEALTHY") and args.fault == "stop" and injection
                     and not any(i.kind == "cont" for i in injection) and deployment.starts == 1):
                 injection.append(faults.signal_process("cont", injection[0].pid, args.fault_rank))
@@ -273,6 +296,8 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
                         retry_for_s=args.retry_for_s)
         load_done.set()
         threads[1].join(timeout=900)
+        if rejoin:
+            rejoin_thread.join(timeout=600)
         if args.fault == "stop" and injection and not any(i.kind == "cont" for i in injection) \
                 and deployment.starts == 1:
             faults.signal_process("cont", injection[0].pid, args.fault_rank)
@@ -330,6 +355,11 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         "final_state": final.get("state"), "final_epoch": final.get("epoch"),
         "live_ranks": final.get("live_ranks"), "expert_placement": final.get("expert_placement"),
         "stale_rank_refused": ("fenced out" in log_text) if args.fault in ("stop", "slow") else None,
+        "rejoin": ({"admitted": rejoin.get("admitted", False),
+                    "admitted_s": since_fault(rejoin.get("admitted_at")),
+                    "engine_start_s": rejoin.get("start_s"), "admission_s": rejoin.get("admit_s"),
+                    "members": rejoin.get("members"), "error": rejoin.get("error")}
+                   if args.rejoin else None),
         "startup_s": round(startup_s, 1), "report": report,
     }
     lines = [f"{t - t0:9.3f}s  {what}" for t, what in sorted(timeline.events)]

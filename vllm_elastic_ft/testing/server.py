@@ -194,6 +194,16 @@ class VLLMServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout_s) as resp:
             return json.loads(resp.read())
 
+    def post_json(self, path: str, body: dict, timeout_s: float = 300.0) -> tuple[int, dict]:
+        """``POST path`` with a JSON body; ``(status, JSON answer)`` (errors too)."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
     def greedy_tokens(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0) -> list[int]:
         """Output token ids of one greedy ``/v1/completions`` call."""
         return complete_once(self.url, prompt, max_tokens, timeout_s)

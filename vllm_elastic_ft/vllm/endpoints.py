@@ -123,6 +123,7 @@ class FrontEndGroup:
     def attach_recovery(self, recovery) -> None:
         """Let the in-engine recovery hear which ranks each new epoch leaves out."""
         self.recovery = recovery
+        recovery.group_view = lambda: self.controller.view
         self.metrics_hook.on_members = lambda view: recovery.exclude(
             [r for r in range(view.world_size) if r not in view.live_ranks],
             f"not a member of epoch {view.epoch}")
@@ -172,7 +173,9 @@ class ElasticFTEndpoints:
         @router.get("/health", response_class=Response)
         async def health(request: Request) -> Response:
             group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
-            if group is not None and not group.controller.view.serving:
+            admitting = group is not None and group.recovery is not None and \
+                group.recovery.admitting  # a planned pause, requests queue: stay in rotation
+            if group is not None and not group.controller.view.serving and not admitting:
                 return Response(status_code=503, headers={"X-Elastic-FT-State":
                                                           group.controller.view.state.value})
             client = getattr(request.app.state, "engine_client", None)

@@ -53,6 +53,8 @@ class FrontEndRecovery:
         self.admitting = False
         self._replacing: int | None = None
         self.replacements: dict[int, Any] = {}  # rank -> its replacement engine process
+        #: The front end's view of the group (set by the endpoint plugin).
+        self.group_view = None
 
     # ------------------------------------------------------------- binding
     def bind_client(self, client) -> None:
@@ -137,6 +139,7 @@ class FrontEndRecovery:
     async def _admit(self, client, rank: int, timeout_s: float) -> list[int]:
         identity = client.core_engines[rank]
         ticket = f"{rank}-{uuid.uuid4().hex[:8]}"
+        epoch, members = None, []
         self.admitting = True
         try:
             await self.llm.pause_generation(mode="keep", clear_cache=False)
@@ -145,7 +148,7 @@ class FrontEndRecovery:
                 client._call_utility_async("elastic_ft_admit", rank, ticket, client.current_wave,
                                            engine=engine) for engine in engines + [identity]]),
                 timeout_s)
-            members = results[-1]
+            epoch, members = results[-1]
             if rank in members:
                 with self._lock:
                     self.lost.discard(rank)
@@ -153,11 +156,24 @@ class FrontEndRecovery:
         finally:
             try:
                 await self.llm.resume_generation()
+                await self._until_serving_at(epoch)
             finally:
                 self.admitting = False
         if rank not in members:
             raise RuntimeError(f"DP rank {rank} was not admitted (members {members})")
         return members
+
+    async def _until_serving_at(self, epoch: int | None, timeout_s: float = 3.0) -> None:
+        """Keep new requests flowing until the front end's view has caught up with the
+        admission epoch (its store follower polls), so none is refused in between."""
+        if epoch is None or self.group_view is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            view = self.group_view()
+            if view.epoch >= epoch and view.serving:
+                return
+            await asyncio.sleep(0.01)
 
     # --------------------------------------------------------- re-submission
     async def _move_requests(self, rank: int) -> None:

@@ -163,4 +163,5 @@ def admit_in_worker(worker, joiner: int, ticket: str) -> list[int]:
     model_config = worker.vllm_config.model_config
     group.attach_model(worker.model_runner.model, model_config.model,
                        model_config.get_num_experts())
-    return list(group.admit(joiner, ticket).members)
+    membership = group.admit(joiner, ticket)
+    return [membership.epoch, list(membership.members)]

@@ -71,18 +71,19 @@ def _make_worker_distributed_init(original: Callable[..., Any]) -> Callable[...,
     return init_worker_distributed_environment
 
 
-def elastic_ft_admit(self, joiner: int, ticket: str, wave: int) -> list[int]:
+def elastic_ft_admit(self, joiner: int, ticket: str, wave: int) -> list:
     """Engine-core utility: admit ``joiner`` into the DP group (this engine's share).
 
     Every live engine and the joiner's engine run it at the same time, while
     the live ones are paused (vLLM's DP-aware pause): each engine's worker
     agrees on the new epoch (``WorkerGroup.admit``), then the engines' DP sync
     moves to that epoch. The joiner starts in the live engines' wave, as an
-    engine that has just paused.
+    engine that has just paused. Returns ``[epoch, members]``.
     """
     from vllm_elastic_ft.vllm.engine_group import engine_group
 
-    members = self.model_executor.collective_rpc(admit_in_worker, args=(joiner, ticket))[0]
+    epoch, members = self.model_executor.collective_rpc(admit_in_worker,
+                                                        args=(joiner, ticket))[0]
     group = engine_group(self.engine_index, self.dp_size)
     if group is None:
         raise RuntimeError("no elastic engine group in this engine (in_engine_rebuild off?)")
@@ -92,9 +93,12 @@ def elastic_ft_admit(self, joiner: int, ticket: str, wave: int) -> list[int]:
         self.current_wave = max(self.current_wave, wave)
         self.step_counter = 0
         self.engines_running = False
+        # The coordinator still holds the lost engine's last request counts (the
+        # balancer would keep avoiding this rank): publish ours at the next step.
+        self.last_counts = None
     logger.warning("engine %d: DP rank %d admitted; members %s", self.engine_index, joiner,
                    members)
-    return members
+    return [epoch, members]
 
 
 def apply() -> None:
