@@ -120,6 +120,8 @@ class FrontEndRecovery:
             process = await asyncio.wait_for(asyncio.to_thread(
                 launch_engine, client, llm.vllm_config, Executor.get_class(llm.vllm_config),
                 llm.log_stats, rank), timeout_s)
+            await client._call_utility_async("elastic_ft_prepare_join",
+                                             engine=client.core_engines[rank])
             loaded = time.time()
             self.events.append({"t": loaded, "event": "replacement_loaded", "rank": rank,
                                 "pid": process.pid})

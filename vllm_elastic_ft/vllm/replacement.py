@@ -150,18 +150,27 @@ def take_logical_dp_rank(rank: int, world: int, enable_expert_parallel: bool) ->
     logger.warning("replacement worker: DP/EP rank %d of %d (world of its own)", rank, world)
 
 
-def admit_in_worker(worker, joiner: int, ticket: str) -> list[int]:
-    """``collective_rpc`` target: this worker's part of admitting ``joiner``."""
+def prepare_in_worker(worker):
+    """``collective_rpc`` target: this worker's group (built now if no step ran yet: an
+    eager warm-up runs none with collectives), with the model attached."""
     from vllm_elastic_ft.vllm.worker_group import worker_group
 
     parallel_config = worker.vllm_config.parallel_config
-    # A replacement that has not run a step yet (eager warm-up runs none with
-    # collectives) builds its group here.
     group = worker_group(parallel_config.data_parallel_rank, parallel_config.data_parallel_size)
     if group is None:
         raise RuntimeError("no elastic DP group in this worker (in_engine_rebuild off?)")
     model_config = worker.vllm_config.model_config
     group.attach_model(worker.model_runner.model, model_config.model,
                        model_config.get_num_experts())
-    membership = group.admit(joiner, ticket)
+    return group
+
+
+def prepare_join_in_worker(worker) -> None:
+    """``collective_rpc`` target on a replacement, before its admission."""
+    prepare_in_worker(worker)
+
+
+def admit_in_worker(worker, joiner: int, ticket: str) -> list:
+    """``collective_rpc`` target: this worker's part of admitting ``joiner``."""
+    membership = prepare_in_worker(worker).admit(joiner, ticket)
     return [membership.epoch, list(membership.members)]

@@ -2,8 +2,8 @@
 
 The first two patches change nothing in an ordinary process: they act only in
 a process started by ``vllm/replacement.py`` (``VLLM_ELASTIC_FT_REPLACES_RANK``
-set). The third adds one engine-core utility method, ``elastic_ft_admit``,
-which the front end calls on every engine (vLLM 0.32.0 runs a utility call on
+set). Two engine-core utility methods are added: ``elastic_ft_prepare_join``
+(on the replacement) and ``elastic_ft_admit``, which the front end calls on every engine (vLLM 0.32.0 runs a utility call on
 the engine's busy-loop thread, between steps).
 """
 
@@ -14,7 +14,8 @@ from typing import Any, Callable
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.replacement import (
-    admit_in_worker, alone_in_world, replaced_rank, take_logical_dp_rank,
+    admit_in_worker, alone_in_world, prepare_join_in_worker, replaced_rank,
+    take_logical_dp_rank,
 )
 
 logger = get_logger(__name__)
@@ -71,6 +72,15 @@ def _make_worker_distributed_init(original: Callable[..., Any]) -> Callable[...,
     return init_worker_distributed_environment
 
 
+def elastic_ft_prepare_join(self) -> bool:
+    """Engine-core utility, on a replacement before its admission: build the worker's and
+    the engine's group objects now, so the admission (the group is paused) is short."""
+    from vllm_elastic_ft.vllm.engine_group import engine_group
+
+    self.model_executor.collective_rpc(prepare_join_in_worker)
+    return engine_group(self.engine_index, self.dp_size) is not None
+
+
 def elastic_ft_admit(self, joiner: int, ticket: str, wave: int) -> list:
     """Engine-core utility: admit ``joiner`` into the DP group (this engine's share).
 
@@ -106,5 +116,6 @@ def apply() -> None:
     apply_patch(WORKER_DISTRIBUTED_INIT, _make_worker_distributed_init)
     from vllm.v1.engine.core import DPEngineCoreProc
 
-    if not hasattr(DPEngineCoreProc, "elastic_ft_admit"):
-        DPEngineCoreProc.elastic_ft_admit = elastic_ft_admit
+    for method in (elastic_ft_prepare_join, elastic_ft_admit):  # engine-core utilities
+        if not hasattr(DPEngineCoreProc, method.__name__):
+            setattr(DPEngineCoreProc, method.__name__, method)
