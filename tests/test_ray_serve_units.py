@@ -54,3 +54,33 @@ def test_router_skips_replicas_of_gangs_that_do_not_serve():
         assert len(chosen) == 2 and all(r.routing_stats["elastic_ft"]["serving"] for r in chosen)
     nobody = [SimpleNamespace(routing_stats={"elastic_ft": {"serving": False}})] * 2
     assert asyncio.run(router.choose_replicas(nobody)) == []
+
+
+def test_gang_autoscaling_is_left_as_ray_builds_it(tiny_moe_path):
+    """Autoscaling in DP groups (Ray turns min/max groups into replicas, gang_size apart)
+    comes out of our builder exactly as out of Ray's own build_dp_deployment: the adapter
+    changes the replica class and the request router, nothing Ray scales or schedules by."""
+    from ray.serve.llm import build_dp_deployment
+
+    from vllm_elastic_ft.ray_serve.builder import build_elastic_dp_deployment
+
+    def config():
+        return LLMConfig(model_loading_config={"model_id": "m", "model_source": tiny_moe_path},
+                         accelerator_config={"kind": "cpu"},
+                         engine_kwargs={"data_parallel_size": 2, "enable_expert_parallel": True},
+                         deployment_config={"autoscaling_config": {
+                             "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}})
+
+    ours, stock = (app._bound_deployment for app in (build_elastic_dp_deployment(config()),
+                                                     build_dp_deployment(config())))
+    assert ours.func_or_class.__name__ == "ElasticDPServer"
+    ours_config, stock_config = ours._deployment_config, stock._deployment_config
+    assert ours_config.autoscaling_config == stock_config.autoscaling_config
+    assert (ours_config.autoscaling_config.min_replicas,
+            ours_config.autoscaling_config.max_replicas) == (2, 6)  # 1-3 gangs of 2
+    assert ours_config.gang_scheduling_config == stock_config.gang_scheduling_config
+    assert ours_config.gang_scheduling_config.gang_size == 2
+    mine, theirs = ours_config.model_dump(), stock_config.model_dump()
+    differing = {k for k in mine if mine[k] != theirs[k]}
+    assert differing <= {"request_router_config", "version", "user_configured_option_names"}, \
+        differing
