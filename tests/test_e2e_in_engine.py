@@ -116,6 +116,11 @@ def test_replacement_rank0_rejoins_under_load(dp4_server, reference_tokens):
     assert before["recovery"]["lost_ranks"] == [0] and before["live_ranks"] == [1, 2, 3]
     engines_before = faults.find_rank_processes(dp4_server.proc.pid)
     served_by_0 = _engine_successes(dp4_server, 0)
+    # Only a lost rank can be replaced; a bad body names the field.
+    code, answer = dp4_server.post_json("/elastic_ft/replace", {"rank": 2})
+    assert code == 409 and "not lost" in answer["error"], answer
+    code, answer = dp4_server.post_json("/elastic_ft/replace", {"rank": "zero"})
+    assert code == 400 and "'rank'" in answer["error"], answer
     results = []
     load = threading.Thread(target=lambda: results.append(run_load(
         dp4_server.url, PROMPTS, 40, 8, max_tokens=32, timeout_s=120, progress_every_s=None)),

@@ -116,6 +116,7 @@ class FrontEndRecovery:
         self._replacing = rank
         started = time.time()
         self.events.append({"t": started, "event": "replacement_started", "rank": rank})
+        process = None
         try:
             process = await asyncio.wait_for(asyncio.to_thread(
                 launch_engine, client, llm.vllm_config, Executor.get_class(llm.vllm_config),
@@ -127,6 +128,12 @@ class FrontEndRecovery:
                                 "pid": process.pid})
             members = await self._admit(client, rank, timeout_s)
             self.replacements[rank] = process
+        except BaseException as err:
+            self.events.append({"t": time.time(), "event": "replacement_failed", "rank": rank,
+                                "error": f"{type(err).__name__}: {err}"[:300]})
+            if process is not None and process.is_alive():
+                process.kill()  # never leave a half-joined engine behind
+            raise
         finally:
             self._replacing = None
         admitted = time.time()

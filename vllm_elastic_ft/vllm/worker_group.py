@@ -286,9 +286,7 @@ class WorkerGroup:
                                self.config.join_window_s, self.config.rebuild_budget_s)
             if old is not None:
                 self.controller.handle(JoinRequested(joiner))
-                self.controller.handle(PeerFenced(new.epoch))
-            else:
-                self.controller.handle(PeerFenced(new.epoch))
+            self.controller.handle(PeerFenced(new.epoch))
             self.controller.handle(RebuildStarted(new.epoch))
             me = new.group_rank(self.id)
             self.watchdog.reconfigure(new.epoch, me, len(new.members))
