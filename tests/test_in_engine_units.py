@@ -9,6 +9,7 @@
 """
 
 import threading
+import time
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -79,6 +80,44 @@ def test_a_rank_two_epochs_behind_builds_on_the_latest_placement(store):
     assert sorted(e for v in second[0].placement.values() for e in v) == list(range(8))
 
 
+def test_reported_suspects_are_stable_ids_of_this_epochs_reports():
+    old = epochs.ms.Membership(3, (0, 2, 3), {}, 0)  # group ranks 0, 1, 2 are ids 0, 2, 3
+    reports = [SimpleNamespace(epoch=2, suspects=[0]), SimpleNamespace(epoch=3, suspects=[1])]
+    assert epochs.reported_suspects(lambda: reports, old, lambda: False, 0.0) == {2}
+    # No report yet and the group already moved on: no waiting.
+    started = time.monotonic()
+    assert epochs.reported_suspects(lambda: [], old, lambda: True, 5.0) == set()
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_joiner_named_in_a_rebuild_gets_a_share_of_the_experts(store):
+    old = epochs.initial(3, 6)  # {0: 0-1, 1: 2-3, 2: 4-5}
+    shrunk, _ = _advance_all(store, old, [0, 2], {1})
+    results, errors = {}, {}
+
+    def run(rank, previous):
+        try:
+            results[rank] = epochs.advance(store, "dp", previous, rank, set(), 6, 2.0, 10,
+                                           joiner=1)
+        except Exception as err:  # collected and asserted on below
+            errors[rank] = err
+
+    def join():  # as the harness's replacement does: wait for the fence, then register
+        while current_epoch(store, "dp") < 2:
+            time.sleep(0.005)
+        results[1] = epochs.ms.agree(store, "dp", 2, 1, [], 0.0, lambda m: {}, timeout_s=10)
+
+    threads = [threading.Thread(target=run, args=(0, shrunk[0])),
+               threading.Thread(target=run, args=(2, shrunk[2])), threading.Thread(target=join)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert {m.members for m in results.values()} == {(0, 1, 2)}
+    assert len(results[0].placement[1]) == 2
+
+
 def _admit_all(store, members, joiner, step=7, window_s=2.0, joiner_experts=(2, 3)):
     """Every member (with its membership) and the joiner (with its experts) admit at once."""
     results, errors = {}, {}
@@ -117,7 +156,7 @@ def test_a_replacement_rank_is_admitted_with_the_experts_it_brought(store):
 
 def test_a_replacement_that_never_registers_leaves_the_group_as_it_was(store):
     shrunk, _ = _advance_all(store, epochs.initial(4, 8), [0, 2, 3], {1})
-    results, errors = {}, {}
+    results = {}
 
     def run(rank):
         results[rank] = epochs.admit(store, "dp", shrunk[rank], rank, 1, "t2", None, 3, 0.3, 10)

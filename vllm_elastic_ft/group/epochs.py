@@ -19,6 +19,8 @@ process that was not there (idle, or stalled) reads them with
 from __future__ import annotations
 
 import json
+import time
+from typing import Callable
 
 from vllm_elastic_ft.group import membership as ms
 from vllm_elastic_ft.group.fencing import current_epoch, fence
@@ -45,9 +47,30 @@ def published(store, group: str, epoch: int) -> ms.Membership | None:
                          {int(r): tuple(e) for r, e in data["placement"].items()}, data["leader"])
 
 
+def reported_suspects(reports: Callable[[], list], old: ms.Membership,
+                      moved_on: Callable[[], bool], wait_s: float) -> set[int]:
+    """Stable ids of the ranks named by this rank's FaultReports at ``old.epoch``.
+
+    Reports name group ranks (indexes into ``old.members``). Waits up to
+    ``wait_s`` for a report to arrive, unless the group already moved on (then
+    the epoch's leader decides who is in; lagging behind helps nobody).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [r for r in reports() if r.epoch == old.epoch]
+        if found or moved_on() or time.monotonic() >= deadline:
+            return {old.members[s] for r in found for s in r.suspects if s < len(old.members)}
+        time.sleep(0.01)
+
+
 def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
-            num_experts: int, window_s: float, timeout_s: float) -> ms.Membership:
+            num_experts: int, window_s: float, timeout_s: float,
+            joiner: int | None = None) -> ms.Membership:
     """Take the group from ``old`` to the next agreed membership; ``me`` registers in it.
+
+    ``joiner``: a rank that asked to join (the harness admits it in the fault
+    path; vLLM's replacement ranks use :func:`admit`). The solver gives it an
+    even share of the experts.
 
     Raises:
         FencedError: ``me`` is not a member (it arrived after the members were published).
@@ -62,6 +85,8 @@ def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
         if base.epoch == e:
             break
     expected = [r for r in base.members if r not in suspects]
+    if joiner is not None and joiner not in expected:
+        expected.append(joiner)
     return ms.agree(store, group, epoch, me, expected, window_s,
                     lambda members: solve(num_experts, base.placement, members).placement,
                     timeout_s=timeout_s)
@@ -101,8 +126,6 @@ def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ti
         FencedError: ``me`` did not make it into the new epoch.
         TimeoutError: the admission did not happen within ``timeout_s``.
     """
-    import time
-
     from vllm_elastic_ft.placement.solver import admit as admit_placement
 
     if old is not None:

@@ -30,6 +30,7 @@ import torch
 
 from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup
 from vllm_elastic_ft.faults import connect_store
+from vllm_elastic_ft.group import epochs
 from vllm_elastic_ft.group import membership as ms
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.fencing import FencedError, current_epoch, fence
@@ -37,7 +38,7 @@ from vllm_elastic_ft.group.state_machine import (
     ControllerOptions, GroupState, JoinRequested, PeerFenced, RebuildDone, RebuildFailed,
     RebuildStarted, Served,
 )
-from vllm_elastic_ft.placement.solver import PlacementPlan, contiguous, solve
+from vllm_elastic_ft.placement.solver import PlacementPlan, contiguous
 from vllm_elastic_ft.testing.moe_loop import MoELayer, MoELoopSpec
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
@@ -137,22 +138,12 @@ class ElasticRank:
         return word
 
     # ---------------------------------------------------------------- rebuild
-    def _suspect_ids(self, wait_s: float) -> set[int]:
-        """Stable ids of the ranks this rank's watchdog reported at the current epoch."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            reports = [r for r in self.sink.reports if r.epoch == self.members.epoch]
-            # A peer already fenced: the epoch's leader decides who is in, don't lag.
-            moved_on = current_epoch(self.store, self.group) > self.members.epoch
-            if reports or moved_on or time.monotonic() >= deadline:
-                return {self.members.members[s] for r in reports for s in r.suspects
-                        if s < len(self.members.members)}
-            time.sleep(0.02)
-
     def rebuild(self, cause: str, wait_for_report_s: float) -> None:
         self.timeline.append((time.time(), f"rebuild: {cause}"))
         old = self.members
-        suspects = self._suspect_ids(wait_for_report_s)
+        suspects = epochs.reported_suspects(
+            lambda: self.sink.reports, old,
+            lambda: current_epoch(self.store, self.group) > old.epoch, wait_for_report_s)
         report = next((asdict(r) | {"kind": r.kind.value} for r in self.sink.reports
                        if r.epoch == old.epoch), None)
         if report is not None:
@@ -164,14 +155,10 @@ class ElasticRank:
         self.timeline.append((time.time(), f"fenced: epoch {old.epoch} -> {epoch}"))
         self.controller.handle(PeerFenced(epoch, tuple(sorted(suspects))))  # if a peer was first
         self.controller.handle(RebuildStarted(epoch))
-        expected = [r for r in old.members if r not in suspects]
-        if joiner is not None and joiner not in expected:
-            expected.append(joiner)
-        try:
-            new = ms.agree(self.store, self.group, epoch, self.id, expected,
-                           self.spec.join_window_s,
-                           lambda m: solve(self.spec.moe.experts, old.placement, m).placement,
-                           timeout_s=self.spec.options.rebuild_budget_s)
+        try:  # the same fence (idempotent) and agreement as a vLLM worker's
+            new = epochs.advance(self.store, self.group, old, self.id, suspects,
+                                 self.spec.moe.experts, self.spec.join_window_s,
+                                 self.spec.options.rebuild_budget_s, joiner=joiner)
         except TimeoutError as err:
             self.controller.handle(RebuildFailed(epoch, str(err)))
             raise

@@ -210,16 +210,6 @@ class WorkerGroup:
                                mode)
 
     # -------------------------------------------------------------- rebuild
-    def _suspects(self, epoch: int, wait_s: float) -> set[int]:
-        """Stable ids of the ranks this rank's watchdog reported at ``epoch``."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            reports = [r for r in self.watchdog.sink.reports if r.epoch == epoch]
-            if reports or self.watchdog.group_epoch > epoch or time.monotonic() >= deadline:
-                return {self.members.members[s] for r in reports for s in r.suspects
-                        if s < len(self.members.members)}
-            time.sleep(0.01)
-
     def recover(self, cause: str) -> None:
         """Move to the next epoch's group (see the module doc). Raises FencedError when this
         rank is no longer a member, GroupFailedError when the group cannot be rebuilt."""
@@ -229,7 +219,8 @@ class WorkerGroup:
         old = self.members
         if not old.placement:
             self._fail(f"{cause}: the placement is unknown (no model attached)")
-        suspects = self._suspects(old.epoch, 1.0)
+        suspects = epochs.reported_suspects(lambda: self.watchdog.sink.reports, old,
+                                            lambda: self.watchdog.group_epoch > old.epoch, 1.0)
         report = next((r for r in self.watchdog.sink.reports if r.epoch == old.epoch), None)
         if report is not None:
             self.controller.fault({"epoch": report.epoch, "suspects": sorted(suspects),
