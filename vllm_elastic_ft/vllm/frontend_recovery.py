@@ -121,6 +121,11 @@ class FrontEndRecovery:
             process = await asyncio.wait_for(asyncio.to_thread(
                 launch_engine, client, llm.vllm_config, Executor.get_class(llm.vllm_config),
                 llm.log_stats, rank), timeout_s)
+            # vLLM's engine manager stops the replacement with the other engines
+            # when the server shuts down (its finalizer holds this same list).
+            manager = client.resources.engine_manager
+            if manager is not None and isinstance(getattr(manager, "processes", None), list):
+                manager.processes.append(process)
             await client._call_utility_async("elastic_ft_prepare_join",
                                              engine=client.core_engines[rank])
             loaded = time.time()
