@@ -82,6 +82,9 @@ def test_dp2_worker_killed_while_idle_is_reported_and_the_group_rebuilds(dp2_ser
     assert "rank watchdog up: group=dp epoch=0 rank=1/2" in logs
     victim = faults.rank_pid(dp2_server.proc.pid, 1, "worker")
     survivor = faults.rank_pid(dp2_server.proc.pid, 0, "worker")
+    # After the last request the engines go on with dummy steps until the next DP sync
+    # agrees that the wave is over (a fraction of a second); kill once they are idle.
+    time.sleep(2.0)
     injection = faults.signal_process("kill", victim, 1)
     report, status = None, {}
     deadline = time.monotonic() + 20
