@@ -5,7 +5,7 @@ full in-engine recovery checks are in test_e2e_in_engine.py).
 Each server is a real ``vllm.entrypoints.openai.api_server`` with the plugin on
 the tiny float32 MoE. Start-ups dominate (tens of seconds each on 2 cores), so
 the DP=1 reference is taken once per session and one DP=2 server serves both
-the correctness test and, last, the kill test.
+the correctness test, the kill test and, last, the replacement test.
 """
 
 import re
@@ -56,7 +56,7 @@ def _check_placement(log: str, dp: int) -> None:
 
 @pytest.fixture(scope="module")
 def dp2_server(tiny_moe_path, tmp_path_factory):
-    """One DP=2 EP server for the correctness test and then the kill test (which shrinks it)."""
+    """One DP=2 EP server for the correctness test, then the kill and replacement tests."""
     spec = ServerSpec(tiny_moe_path, data_parallel_size=2, expert_parallel=True,
                       extra_args=["--elastic-ft-heartbeat-interval-s", "0.05"])
     with VLLMServer(spec, tmp_path_factory.mktemp("dp2") / "server.log") as server:
@@ -116,6 +116,31 @@ def test_dp2_worker_killed_while_idle_is_reported_and_the_group_rebuilds(dp2_ser
     metrics = dp2_server.get_text("/metrics")
     assert 'elastic_ft_group_epoch{group="dp"} 1.0' in metrics
     assert 'elastic_ft_recoveries_total{group="dp"} 1.0' in metrics
+
+
+def test_a_replacement_rejoins_and_is_a_full_member(dp2_server, reference_tokens):
+    """Rank 1 (lost above) is replaced: back to two ranks and vLLM's layout, outputs equal
+    DP=1; then the replacement's own worker is killed and the group shrinks around it again,
+    named by the survivor's watchdog (the replacement is a member like any other)."""
+    code, answer = dp2_server.post_json("/elastic_ft/replace", {"rank": 1})
+    assert code == 200 and answer["members"] == [0, 1], (answer, dp2_server.log_tail(60))
+    status = dp2_server.get_json("/elastic_ft/status")
+    assert status["live_ranks"] == [0, 1] and status["recovery"]["lost_ranks"] == []
+    assert status["expert_placement"] == {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}
+    assert _greedy(dp2_server) == reference_tokens
+    epoch = status["epoch"]
+    time.sleep(2.0)  # let the wave of dummy steps end
+    faults.signal_process("kill", faults.rank_pid(dp2_server.proc.pid, 1, "worker"), 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status = dp2_server.get_json("/elastic_ft/status")
+        if status["epoch"] > epoch and status["state"] in ("READY", "HEALTHY"):
+            break
+        time.sleep(0.05)
+    assert status["live_ranks"] == [0] and status["recovery"]["lost_ranks"] == [1], status
+    assert any(r["epoch"] == epoch and r["suspects"] == [1]
+               for r in fault_reports(dp2_server.log_text())), dp2_server.log_tail(40)
+    assert _greedy(dp2_server) == reference_tokens
 
 
 def test_bad_config_key_stops_startup_before_model_load(tiny_moe_path):
