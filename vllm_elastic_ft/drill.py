@@ -46,7 +46,8 @@ _PLOTTED = (("fault:", "fault"), ("group event: Fault -> FENCED", "fenced"),
             ("group event: RebuildDone -> READY", "ready"),
             ("group event: Served -> HEALTHY", "serving"),
             ("orchestrator: group restart", "group restart"),
-            ("orchestrator: group READY", "ready after restart"))
+            ("orchestrator: group READY", "ready after restart"),
+            ("rejoin: replacement", "replacement asked"), ("rejoin: DP rank", "rejoined"))
 
 
 class Timeline:
@@ -188,7 +189,7 @@ def _plot(path: Path, t0: float, t0_mono: float, records: list[RequestRecord],
              if what.startswith(prefix)]
     for i, (t, short) in enumerate(shown):
         ax.axvline(t - t0, color="k", ls="--", lw=0.7)
-        ax.text(t - t0, top * (0.95 - 0.12 * (i % 4)), f" {short}", va="top", fontsize=8)
+        ax.text(t - t0, top * (0.95 - 0.09 * (i % 6)), f" {short}", va="top", fontsize=8)
     ax.set_xlabel("seconds since load start")
     ax.set_ylabel(f"requests completed / {width:g} s")
     ax.legend(loc="upper right")
