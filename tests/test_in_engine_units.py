@@ -27,21 +27,27 @@ def store():
                          timeout=timedelta(seconds=10))
 
 
-def _advance_all(store, old, ranks, suspects, window_s=2.0):
+def _at_once(calls):
+    """Run ``{rank: fn}`` on one thread each; ``(results, errors)`` by rank."""
     results, errors = {}, {}
 
-    def run(rank):
+    def run(rank, fn):
         try:
-            results[rank] = epochs.advance(store, "dp", old, rank, suspects, 8, window_s, 10)
+            results[rank] = fn()
         except Exception as err:  # collected and asserted on below
             errors[rank] = err
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return results, errors
+
+
+def _advance_all(store, old, ranks, suspects, window_s=2.0):
+    return _at_once({r: (lambda r=r: epochs.advance(store, "dp", old, r, suspects, 8, window_s,
+                                                     10)) for r in ranks})
 
 
 def test_survivors_agree_on_members_and_placement(store):
@@ -93,26 +99,15 @@ def test_reported_suspects_are_stable_ids_of_this_epochs_reports():
 def test_a_joiner_named_in_a_rebuild_gets_a_share_of_the_experts(store):
     old = epochs.initial(3, 6)  # {0: 0-1, 1: 2-3, 2: 4-5}
     shrunk, _ = _advance_all(store, old, [0, 2], {1})
-    results, errors = {}, {}
-
-    def run(rank, previous):
-        try:
-            results[rank] = epochs.advance(store, "dp", previous, rank, set(), 6, 2.0, 10,
-                                           joiner=1)
-        except Exception as err:  # collected and asserted on below
-            errors[rank] = err
 
     def join():  # as the harness's replacement does: wait for the fence, then register
         while current_epoch(store, "dp") < 2:
             time.sleep(0.005)
-        results[1] = epochs.ms.agree(store, "dp", 2, 1, [], 0.0, lambda m: {}, timeout_s=10)
+        return epochs.ms.agree(store, "dp", 2, 1, [], 0.0, lambda m: {}, timeout_s=10)
 
-    threads = [threading.Thread(target=run, args=(0, shrunk[0])),
-               threading.Thread(target=run, args=(2, shrunk[2])), threading.Thread(target=join)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = _at_once({
+        r: (lambda r=r: epochs.advance(store, "dp", shrunk[r], r, set(), 6, 2.0, 10, joiner=1))
+        for r in (0, 2)} | {1: join})
     assert not errors, errors
     assert {m.members for m in results.values()} == {(0, 1, 2)}
     assert len(results[0].placement[1]) == 2
@@ -120,23 +115,11 @@ def test_a_joiner_named_in_a_rebuild_gets_a_share_of_the_experts(store):
 
 def _admit_all(store, members, joiner, step=7, window_s=2.0, joiner_experts=(2, 3)):
     """Every member (with its membership) and the joiner (with its experts) admit at once."""
-    results, errors = {}, {}
-
-    def run(rank, old):
-        try:
-            results[rank] = epochs.admit(store, "dp", old, rank, joiner, "t1",
-                                         joiner_experts if old is None else None,
-                                         step if old is not None else -1, window_s, 10)
-        except Exception as err:  # collected and asserted on below
-            errors[rank] = err
-
-    threads = [threading.Thread(target=run, args=(r, m)) for r, m in members.items()]
-    threads.append(threading.Thread(target=run, args=(joiner, None)))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, errors
+    calls = {r: (lambda r=r, m=m: epochs.admit(store, "dp", m, r, joiner, "t1", None, step,
+                                                window_s, 10)) for r, m in members.items()}
+    calls[joiner] = lambda: epochs.admit(store, "dp", None, joiner, joiner, "t1", joiner_experts,
+                                         -1, window_s, 10)
+    return _at_once(calls)
 
 
 def test_a_replacement_rank_is_admitted_with_the_experts_it_brought(store):
@@ -156,16 +139,10 @@ def test_a_replacement_rank_is_admitted_with_the_experts_it_brought(store):
 
 def test_a_replacement_that_never_registers_leaves_the_group_as_it_was(store):
     shrunk, _ = _advance_all(store, epochs.initial(4, 8), [0, 2, 3], {1})
-    results = {}
-
-    def run(rank):
-        results[rank] = epochs.admit(store, "dp", shrunk[rank], rank, 1, "t2", None, 3, 0.3, 10)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 2, 3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = _at_once({r: (lambda r=r: epochs.admit(store, "dp", shrunk[r], r, 1, "t2",
+                                                              None, 3, 0.3, 10))
+                                for r in (0, 2, 3)})
+    assert not errors, errors
     assert {m.members for m in results.values()} == {(0, 2, 3)}
     assert results[0].placement == shrunk[0].placement
 
