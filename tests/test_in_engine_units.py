@@ -280,3 +280,18 @@ def test_engine_processes_inherit_the_front_ends_config():
     assert os.environ[process_config.CONFIG_ENV]
     config = process_config.process_config()
     assert config.deadline_s == 2.0 and config.in_engine_rebuild is False
+
+
+def test_a_replacement_is_refused_for_a_live_rank_or_a_group_that_does_not_serve():
+    import asyncio
+
+    from vllm_elastic_ft.vllm.frontend_recovery import FrontEndRecovery
+
+    recovery = FrontEndRecovery()
+    recovery.lost = {1}
+    with pytest.raises(ValueError, match="not lost"):
+        asyncio.run(recovery.replace(2, 1.0, 1.0))
+    recovery.group_view = lambda: SimpleNamespace(serving=False,
+                                                  state=SimpleNamespace(value="REBUILDING"))
+    with pytest.raises(ValueError, match="REBUILDING"):
+        asyncio.run(recovery.replace(1, 1.0, 1.0))

@@ -38,6 +38,9 @@ logger = get_logger(__name__)
 
 GROUP_NAME = "dp"
 
+#: How long a replacement engine may take to load and warm up (a large model: minutes).
+REPLACEMENT_START_TIMEOUT_S = 900.0
+
 #: Paths of requests that would run on the group (refused while it is fenced).
 INFERENCE_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/responses",
                       "/v1/embeddings", "/inference/")
@@ -203,7 +206,8 @@ class ElasticFTEndpoints:
                                               f"replace (lost: {sorted(recovery.lost)})"},
                                     status_code=400)
             try:
-                result = await recovery.replace(rank, group.config.rebuild_budget_s * 10)
+                result = await recovery.replace(rank, REPLACEMENT_START_TIMEOUT_S,
+                                                group.config.rebuild_budget_s)
             except ValueError as err:
                 return JSONResponse({"error": str(err)}, status_code=409)
             except Exception as err:  # the group goes on without the replacement

@@ -95,17 +95,21 @@ class FrontEndRecovery:
         return [i for i in range(count) if i not in self.lost]
 
     # ------------------------------------------------------------ rejoin
-    async def replace(self, rank: int, timeout_s: float) -> dict:
+    async def replace(self, rank: int, start_timeout_s: float, admit_timeout_s: float) -> dict:
         """Start a new engine for lost DP ``rank`` and admit it into the group.
 
-        Raises ValueError (rank not lost / a replacement under way) or
-        RuntimeError / TimeoutError (the engine did not start or was not admitted;
-        the group goes on without it).
+        Raises ValueError (rank not lost, a replacement under way, the group not
+        serving) or RuntimeError / TimeoutError (the engine did not start within
+        ``start_timeout_s`` or was not admitted within ``admit_timeout_s``; the
+        group goes on without it).
         """
         if rank not in self.lost:
             raise ValueError(f"DP rank {rank} is not lost (lost: {sorted(self.lost)})")
         if self._replacing is not None:
             raise ValueError(f"a replacement of DP rank {self._replacing} is under way")
+        if self.group_view is not None and not self.group_view().serving:
+            raise ValueError(f"the group is {self.group_view().state.value}: replace a rank "
+                             "once it serves again")
         from vllm.v1.executor import Executor
 
         from vllm_elastic_ft.vllm.replacement import launch_engine
@@ -120,7 +124,7 @@ class FrontEndRecovery:
         try:
             process = await asyncio.wait_for(asyncio.to_thread(
                 launch_engine, client, llm.vllm_config, Executor.get_class(llm.vllm_config),
-                llm.log_stats, rank), timeout_s)
+                llm.log_stats, rank), start_timeout_s)
             # vLLM's engine manager stops the replacement with the other engines
             # when the server shuts down (its finalizer holds this same list).
             manager = client.resources.engine_manager
@@ -131,7 +135,7 @@ class FrontEndRecovery:
             loaded = time.time()
             self.events.append({"t": loaded, "event": "replacement_loaded", "rank": rank,
                                 "pid": process.pid})
-            members = await self._admit(client, rank, timeout_s)
+            members = await self._admit(client, rank, admit_timeout_s)
             self.replacements[rank] = process
         except BaseException as err:
             self.events.append({"t": time.time(), "event": "replacement_failed", "rank": rank,
@@ -153,6 +157,14 @@ class FrontEndRecovery:
     async def _admit(self, client, rank: int, timeout_s: float) -> list[int]:
         identity = client.core_engines[rank]
         ticket = f"{rank}-{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + timeout_s
+        while self.group_view is not None and not self.group_view().serving:
+            # Another fault while the replacement was loading: admit it once the
+            # group has rebuilt around that one, never into a rebuild.
+            if time.monotonic() > deadline:
+                raise TimeoutError("the group did not serve again; the replacement was not "
+                                   "admitted")
+            await asyncio.sleep(0.05)
         epoch, members = None, []
         self.admitting = True
         try:
