@@ -22,29 +22,17 @@ pytest.importorskip("ray.serve.llm")
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
-from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list  # noqa: E402
 from ray.serve.llm import LLMConfig  # noqa: E402
 
 from vllm_elastic_ft import faults  # noqa: E402
-from vllm_elastic_ft.loadgen import complete_once, run_load  # noqa: E402
+from vllm_elastic_ft.loadgen import run_load  # noqa: E402
 from vllm_elastic_ft.ray_serve import build_elastic_dp_openai_app  # noqa: E402
-from vllm_elastic_ft.ray_serve.drill import completed  # noqa: E402
-from vllm_elastic_ft.ray_serve.server import STORE_KEY_PREFIX  # noqa: E402
+from vllm_elastic_ft.ray_serve.drill import (  # noqa: E402
+    ENV, PROMPTS, URL, completed, gang_stores, serves,
+)
 from vllm_elastic_ft.watchdog.attribution import RankStatus  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-
-URL = "http://127.0.0.1:8000"
-PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-       "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _gangs() -> dict[str, str]:
-    """gang id -> watchdog store address, for the gangs that are up."""
-    keys = _internal_kv_list(STORE_KEY_PREFIX.encode())
-    return {k.decode()[len(STORE_KEY_PREFIX):]: _internal_kv_get(k).decode() for k in keys}
-
 
 def _worker_pid(address: str, rank: int, epoch: int = 0) -> int:
     store = faults.connect_store(address)
@@ -59,14 +47,6 @@ def _wait(predicate, timeout_s: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _serves() -> bool:
-    try:
-        complete_once(URL, PROMPTS[0], 4, 30)
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +66,10 @@ def two_gangs(tiny_moe_path):
     )
     try:
         serve.run(build_elastic_dp_openai_app(config), blocking=False)
-        _wait(lambda: len(_gangs()) == 2, 600, "two gangs to register their stores")
+        _wait(lambda: len(gang_stores()) == 2, 600, "two gangs to register their stores")
         # Gangs come up one after the other: probe until each has served a request.
-        stores = [faults.connect_store(a) for a in _gangs().values()]
-        _wait(lambda: _serves() and all(completed(s) > 0 for s in stores), 900,
+        stores = [faults.connect_store(a) for a in gang_stores().values()]
+        _wait(lambda: serves() and all(completed(s) > 0 for s in stores), 900,
               "both gangs to serve")
         yield config
     finally:
@@ -106,7 +86,7 @@ def _load(results: list, requests: int) -> threading.Thread:
 
 
 def test_a_killed_rank_heals_in_place_and_clients_see_no_error(two_gangs):
-    gangs = _gangs()
+    gangs = gang_stores()
     gang_a, store_a = sorted(gangs.items())[0]
     victim = _worker_pid(store_a, 1)
     results: list = []
@@ -122,14 +102,14 @@ def test_a_killed_rank_heals_in_place_and_clients_see_no_error(two_gangs):
     summary = results[0]
     assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
     # Healed in place, not restarted: the same two gangs are registered.
-    assert set(_gangs()) == set(gangs)
+    assert set(gang_stores()) == set(gangs)
     after: list = []
     _load(after, 12).join(timeout=300)
     assert after[0].failed == 0
 
 
 def test_an_unrecoverable_gang_is_restarted_by_ray_while_the_other_serves(two_gangs):
-    gangs = _gangs()
+    gangs = gang_stores()
     gang_a, store_a = sorted(gangs.items())[0]
     last = _worker_pid(store_a, 0, epoch=1)
     results: list = []
@@ -137,8 +117,8 @@ def test_an_unrecoverable_gang_is_restarted_by_ray_while_the_other_serves(two_ga
     time.sleep(2)
     faults.signal_process("kill", last, 0)
     # Ray replaces gang A (a new gang id registers its store); gang B serves meanwhile.
-    _wait(lambda: len(set(_gangs()) - set(gangs)) == 1, 900, "Ray to restart gang A")
+    _wait(lambda: len(set(gang_stores()) - set(gangs)) == 1, 900, "Ray to restart gang A")
     load.join(timeout=900)
     summary = results[0]
     assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
-    _wait(_serves, 300, "the app to serve after the restart")
+    _wait(serves, 300, "the app to serve after the restart")

@@ -162,7 +162,8 @@ def test_a_joining_worker_runs_its_collectives_alone():
     from vllm_elastic_ft.vllm.worker_group import WorkerGroup
 
     group = WorkerGroup.__new__(WorkerGroup)
-    group.id, group.world, group.joining = 1, 3, True
+    group.id, group.world = 1, 3
+    group.members = epochs.ms.Membership(-1, (1,), {}, -1)  # joining: no epoch yet
     group._lock = threading.RLock()
     group._in_step = group._redo_step = False
     group.step, group.last_column = 0, None

@@ -52,6 +52,17 @@ def gang_stores() -> dict[str, str]:
     return {k.decode()[len(STORE_KEY_PREFIX):]: _internal_kv_get(k).decode() for k in keys}
 
 
+def serves(url: str = URL) -> bool:
+    """Whether the app answers a completion now."""
+    from vllm_elastic_ft.loadgen import complete_once
+
+    try:
+        complete_once(url, PROMPTS[0], 4, 30)
+        return True
+    except OSError:
+        return False
+
+
 def completed(store, world: int = 2) -> int:
     keys = [f"eft/serve/rank{r}/completed" for r in range(world)]
     return sum(int(store.get(k)) for k in keys if store.check([k]))
@@ -165,13 +176,6 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
         events.append((at or time.time(), what))
         print(f"[ray-drill {mode}] {what}", flush=True)
         return events[-1][0]
-
-    def serves() -> bool:
-        try:
-            complete_once(URL, PROMPTS[0], 4, 30)
-            return True
-        except OSError:
-            return False
 
     ray.init(num_cpus=16, runtime_env={"env_vars": ENV}, include_dashboard=False)
     try:

@@ -131,6 +131,12 @@ class FrontEndGroup:
             [r for r in range(view.world_size) if r not in view.live_ranks],
             f"not a member of epoch {view.epoch}")
 
+    def out_of_service(self) -> bool:
+        """Whether the group turns traffic away: fenced, rebuilding or failed — not while a
+        replacement rank is being admitted (a planned pause: vLLM queues the requests)."""
+        admitting = self.recovery is not None and self.recovery.admitting
+        return not self.controller.view.serving and not admitting
+
     def _placement(self) -> dict[str, list[int]] | None:
         view = self.controller.view
         if view.epoch == 0:
@@ -176,9 +182,7 @@ class ElasticFTEndpoints:
         @router.get("/health", response_class=Response)
         async def health(request: Request) -> Response:
             group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
-            admitting = group is not None and group.recovery is not None and \
-                group.recovery.admitting  # a planned pause, requests queue: stay in rotation
-            if group is not None and not group.controller.view.serving and not admitting:
+            if group is not None and group.out_of_service():
                 return Response(status_code=503, headers={"X-Elastic-FT-State":
                                                           group.controller.view.state.value})
             client = getattr(request.app.state, "engine_client", None)
@@ -224,11 +228,7 @@ class ElasticFTEndpoints:
             # balancer retries them on another group). Requests already
             # accepted are not touched.
             group: FrontEndGroup | None = getattr(request.app.state, "elastic_ft", None)
-            # A planned admission (a replacement rank joining) pauses the group:
-            # requests are queued by vLLM's pause, not refused.
-            admitting = group is not None and group.recovery is not None and \
-                group.recovery.admitting
-            if (group is not None and not group.controller.view.serving and not admitting
+            if (group is not None and group.out_of_service()
                     and request.url.path.startswith(INFERENCE_PREFIXES)):
                 view = group.controller.view
                 return JSONResponse(

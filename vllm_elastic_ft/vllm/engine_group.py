@@ -51,11 +51,15 @@ class EngineGroup:
         self.epoch = 0
         self.members: tuple[int, ...] = tuple(range(world))
         self.pg = ElasticProcessGroup(store, pg_timeout(config.rebuild_budget_s))
-        self.joining = joining
-        if joining:
+        if joining:  # no epoch until admitted (see admitted())
             self.epoch, self.members = -1, ()
         else:
             self.pg.configure(f"eft/{ENGINE_GROUP}/e0/pg", rank_id, world)
+
+    @property
+    def joining(self) -> bool:
+        """A replacement engine not admitted yet."""
+        return self.epoch < 0
 
     def bind(self, engine) -> None:
         self.engine = engine
@@ -92,7 +96,6 @@ class EngineGroup:
     def admitted(self) -> None:
         """This engine's worker was just admitted (or admitted a joiner): sync with the new
         epoch's engines from now on (every engine of it calls this at the same time)."""
-        self.joining = False
         self.follow()
 
     def sync_state(self, has_unfinished: bool, pending_pause: bool) -> tuple[bool, bool]:

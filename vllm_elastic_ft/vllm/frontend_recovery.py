@@ -157,14 +157,10 @@ class FrontEndRecovery:
     async def _admit(self, client, rank: int, timeout_s: float) -> list[int]:
         identity = client.core_engines[rank]
         ticket = f"{rank}-{uuid.uuid4().hex[:8]}"
-        deadline = time.monotonic() + timeout_s
-        while self.group_view is not None and not self.group_view().serving:
-            # Another fault while the replacement was loading: admit it once the
-            # group has rebuilt around that one, never into a rebuild.
-            if time.monotonic() > deadline:
-                raise TimeoutError("the group did not serve again; the replacement was not "
-                                   "admitted")
-            await asyncio.sleep(0.05)
+        # Another fault while the replacement was loading: admit it once the group
+        # has rebuilt around that one, never into a rebuild.
+        if not await self._until_serving(0, timeout_s):
+            raise TimeoutError("the group did not serve again; the replacement was not admitted")
         epoch, members = None, []
         self.admitting = True
         try:
@@ -182,24 +178,28 @@ class FrontEndRecovery:
         finally:
             try:
                 await self.llm.resume_generation()
-                await self._until_serving_at(epoch)
+                if epoch is not None:
+                    # Keep new requests flowing until the front end's view has caught up
+                    # with the admission epoch (its store follower polls).
+                    await self._until_serving(epoch, 3.0)
             finally:
                 self.admitting = False
         if rank not in members:
             raise RuntimeError(f"DP rank {rank} was not admitted (members {members})")
         return members
 
-    async def _until_serving_at(self, epoch: int | None, timeout_s: float = 3.0) -> None:
-        """Keep new requests flowing until the front end's view has caught up with the
-        admission epoch (its store follower polls), so none is refused in between."""
-        if epoch is None or self.group_view is None:
-            return
+    async def _until_serving(self, epoch: int, timeout_s: float) -> bool:
+        """Wait until the front end sees the group serving at ``epoch`` or later (True), or
+        ``timeout_s`` passes (False). Without a view of the group, True at once."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while self.group_view is not None:
             view = self.group_view()
             if view.epoch >= epoch and view.serving:
-                return
+                return True
+            if time.monotonic() > deadline:
+                return False
             await asyncio.sleep(0.01)
+        return True
 
     # --------------------------------------------------------- re-submission
     async def _move_requests(self, rank: int) -> None:

@@ -159,9 +159,7 @@ def prepare_in_worker(worker):
     group = worker_group(parallel_config.data_parallel_rank, parallel_config.data_parallel_size)
     if group is None:
         raise RuntimeError("no elastic DP group in this worker (in_engine_rebuild off?)")
-    model_config = worker.vllm_config.model_config
-    group.attach_model(worker.model_runner.model, model_config.model,
-                       model_config.get_num_experts())
+    group.attach_runner(worker.model_runner)
     return group
 
 

@@ -92,7 +92,6 @@ class WorkerGroup:
         self._fenced_out: BaseException | None = None
         self.last_column: list[int] | None = None
         # A replacement rank runs alone until the group admits it (see admit()).
-        self.joining = joining
         if joining:
             self.members = ms.Membership(-1, (rank_id,), {}, -1)
         else:
@@ -102,7 +101,20 @@ class WorkerGroup:
                     "joining (alone until admitted)" if joining
                     else "on its own epoch-0 communicator")
 
+    @property
+    def joining(self) -> bool:
+        """A replacement rank not admitted yet (its membership has no epoch)."""
+        return self.members.epoch < 0
+
     # ------------------------------------------------------------ model
+    def attach_runner(self, runner) -> None:
+        """Know the model a vLLM model runner loaded, and its checkpoint (see attach_model).
+        Called at every step: after the first, a no-op."""
+        if self.model is not None:
+            return
+        model_config = runner.vllm_config.model_config
+        self.attach_model(runner.model, model_config.model, model_config.get_num_experts())
+
     def attach_model(self, model, checkpoint_dir: str, num_experts: int) -> None:
         """Know the model (to load orphaned experts into) and its checkpoint."""
         if self.model is not None:
@@ -293,7 +305,6 @@ class WorkerGroup:
                 self.step = int(self.store.get(epochs.step_key(GROUP_NAME, new.epoch, peer)))
             self.pg.configure(pg_prefix(new.epoch), me, len(new.members))
             self.members = new
-            self.joining = False
             self.controller.handle(RebuildDone(new.epoch, new.members))
             logger.warning("rank %d: %s rank %d at epoch %d, members %s, in %.3fs (computes "
                            "experts %s)", self.id, "joined as" if old is None else "admitted",

@@ -76,7 +76,7 @@ def _make_has_global_unfinished(original: Callable[..., Any]) -> Callable[..., A
     def _has_global_unfinished_reqs(self, local_unfinished: bool) -> bool:
         dp_group = getattr(self, "dp_group", None)
         group = _group_for(dp_group) if dp_group is not None else (
-            engine_group(self.dp_rank, self.dp_size) if process_config().enabled else None)
+            engine_group(self.engine_index, self.dp_size) if process_config().enabled else None)
         if group is not None and group.engine is None:
             group.bind(self)
         return original(self, local_unfinished)

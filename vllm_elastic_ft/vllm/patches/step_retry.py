@@ -54,12 +54,6 @@ SPECS = (MODEL_FORWARD, DUMMY_RUN)
 RECOVERABLE = (RankFaultError, FencedError)
 
 
-def _attach(runner, group: WorkerGroup) -> None:
-    if group.model is None:
-        model_config = runner.vllm_config.model_config
-        group.attach_model(runner.model, model_config.model, model_config.get_num_experts())
-
-
 def _recover(group: WorkerGroup, err: BaseException) -> None:
     """Rebuild; a fault during the rebuild (a member vanished) is one more attempt."""
     for _ in range(group.config.max_rebuilds):
@@ -76,7 +70,7 @@ def _make_model_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         group = current_group()
         if group is None:
             return original(self, *args, **kwargs)
-        _attach(self, group)
+        group.attach_runner(self)
         try:
             return _forward_with_retry(original, group, self, *args, **kwargs)
         finally:
@@ -108,7 +102,7 @@ def _make_dummy_run(original: Callable[..., Any]) -> Callable[..., Any]:
         group = current_group()
         if group is None:
             return original(self, *args, **kwargs)
-        _attach(self, group)
+        group.attach_runner(self)
         try:
             for _ in range(group.config.max_rebuilds):
                 try:
