@@ -113,6 +113,34 @@ def test_a_joiner_named_in_a_rebuild_gets_a_share_of_the_experts(store):
     assert len(results[0].placement[1]) == 2
 
 
+def test_a_join_request_read_while_it_is_deleted_is_either_there_or_not(store):
+    # The admitting epoch's leader deletes the request while other ranks may
+    # be reading it; a check-then-get read here returned b"" (measured).
+    writer = dist.TCPStore("127.0.0.1", store.port, is_master=False, wait_for_workers=False,
+                           timeout=timedelta(seconds=5))
+    seen, errors, done = set(), [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                seen.add(epochs.ms.pending_join(store, "dp"))
+            except Exception as err:  # noqa: BLE001 - the test reports it
+                errors.append(err)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(500):
+            epochs.ms.request_join(writer, "dp", 3)
+            writer.delete_key(epochs.ms.join_request_key("dp"))
+    finally:
+        done.set()
+        reader.join()
+    assert not errors and seen <= {None, 3} and None in seen, (errors, seen)
+    assert epochs.ms.pending_join(store, "dp") is None
+
+
 def _admit_all(store, members, joiner, step=7, window_s=2.0, joiner_experts=(2, 3)):
     """Every member (with its membership) and the joiner (with its experts) admit at once."""
     calls = {r: (lambda r=r, m=m: epochs.admit(store, "dp", m, r, joiner, "t1", None, step,

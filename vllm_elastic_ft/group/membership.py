@@ -42,9 +42,21 @@ def request_join(store, group: str, rank_id: int) -> None:
     store.set(join_request_key(group), str(rank_id))
 
 
+_NO_REQUEST = "none"
+
+
 def pending_join(store, group: str) -> int | None:
-    key = join_request_key(group)
-    return int(store.get(key)) if store.check([key]) else None
+    """The rank that asked to join, or None.
+
+    One atomic read: the epoch's leader deletes the request once it admitted
+    the joiner, and a ``check`` followed by a ``get`` can straddle that delete
+    (measured on torch 2.13's TCPStore: the ``get`` then returns b"" or waits
+    for the store timeout, holding the client's lock). ``compare_set`` with
+    the same sentinel as expected and desired value returns the current value
+    of an existing key and never creates a missing one.
+    """
+    value = store.compare_set(join_request_key(group), _NO_REQUEST, _NO_REQUEST).decode()
+    return None if value == _NO_REQUEST else int(value)
 
 
 def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s: float,

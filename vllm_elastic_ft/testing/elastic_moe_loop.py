@@ -17,7 +17,10 @@ output is checked against a dense single-process computation of the same
 tokens, so "outputs after recovery are correct" is measured, not assumed.
 
 Ranks agree on stopping and on admitting a joiner through a control word
-all-gathered with each dispatch, so every rank acts at the same step.
+all-gathered with each dispatch, so every rank acts at the same step and
+admits the same joiner (the word carries its id: each rank reading the
+request from the store on its own could see it before or after the leader
+of the admitting epoch deleted it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from vllm_elastic_ft.watchdog.report import LogAndCountSink, RankFaultError
 
 STOP_KEY = "loop/stop"
 _JOIN_BIT, _STOP_BIT = 1, 2
+_JOINER_SHIFT = 8  # control word = flags | (joiner id + 1) << _JOINER_SHIFT
 
 
 def loop_progress(store, rank_id: int) -> tuple[int, int]:
@@ -86,6 +90,10 @@ class ElasticLoopSpec:
 class _Rebuild(Exception):
     """The control word says: admit a joiner now."""
 
+    def __init__(self, joiner: int):
+        super().__init__(f"rank {joiner} asks to join")
+        self.joiner = joiner
+
 
 class ElasticRank:
     def __init__(self, rank_id: int, world: int, store_address: str, spec: ElasticLoopSpec,
@@ -112,12 +120,17 @@ class ElasticRank:
     # ------------------------------------------------------------------ steps
     def _control(self) -> int:
         word = _STOP_BIT if self.store.check([STOP_KEY]) else 0
-        if ms.pending_join(self.store, self.group) is not None:
-            word |= _JOIN_BIT
+        joiner = ms.pending_join(self.store, self.group)
+        if joiner is not None:
+            word |= _JOIN_BIT | (joiner + 1) << _JOINER_SHIFT
         return word
 
-    def step(self) -> int:
-        """One MoE step on the current group; returns the OR of every rank's control word."""
+    def step(self) -> tuple[int, int | None]:
+        """One MoE step on the current group.
+
+        Returns the OR of every rank's control flags and the joiner that some
+        rank saw asking (the same on every rank: all read the same gathered words).
+        """
         sizes = [self.spec.moe.tokens + r for r in self.members.members]
         weights, ids = self.layer.route(self.x)
         control = torch.tensor([[self._control()]], dtype=torch.int64).expand(self.x.shape[0], 1)
@@ -132,13 +145,16 @@ class ElasticRank:
             self.steps_ok_at_epoch[epoch] = self.steps_ok_at_epoch.get(epoch, 0) + 1
         else:
             self.mismatches += 1
-        word = 0
-        for value in all_ctl.flatten().unique().tolist():
-            word |= int(value)
-        return word
+        words = all_ctl.flatten().unique().tolist()
+        flags = 0
+        for value in words:
+            flags |= int(value) & ((1 << _JOINER_SHIFT) - 1)
+        joiner = max(int(value) >> _JOINER_SHIFT for value in words) - 1
+        return flags, (joiner if joiner >= 0 else None)
 
     # ---------------------------------------------------------------- rebuild
-    def rebuild(self, cause: str, wait_for_report_s: float) -> None:
+    def rebuild(self, cause: str, wait_for_report_s: float, joiner: int | None = None) -> None:
+        """Fence, agree and adopt the next epoch; ``joiner``: the rank the control word admits."""
         self.timeline.append((time.time(), f"rebuild: {cause}"))
         old = self.members
         suspects = epochs.reported_suspects(
@@ -148,7 +164,8 @@ class ElasticRank:
                        if r.epoch == old.epoch), None)
         if report is not None:
             self.controller.fault(report | {"suspects": sorted(suspects)})
-        joiner = ms.pending_join(self.store, self.group)
+        if joiner is None:  # a fault: admit a rank that is waiting to join in the same rebuild
+            joiner = ms.pending_join(self.store, self.group)
         if joiner is not None and self.controller.view.state is GroupState.HEALTHY:
             self.controller.handle(JoinRequested(joiner))
         epoch = fence(self.store, self.group, old.epoch)
@@ -185,18 +202,29 @@ class ElasticRank:
                                            f"holds {list(held)}"))
 
     def join(self) -> None:
-        """A replacement: ask to join, wait for the fence that admits it, agree."""
-        ms.request_join(self.store, self.group, self.id)
-        self.timeline.append((time.time(), "join requested"))
-        seen = current_epoch(self.store, self.group)
+        """A replacement: ask to join, wait for the fence that admits it, agree.
+
+        A leader that did not expect this rank (it published before the request
+        reached it) leaves it out: then it asks again, for the next epoch.
+        """
         deadline = time.monotonic() + self.spec.options.rebuild_budget_s
-        while current_epoch(self.store, self.group) <= seen:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no epoch admitted this joiner")
-            time.sleep(0.01)
-        epoch = current_epoch(self.store, self.group)
-        new = ms.agree(self.store, self.group, epoch, self.id, [], 0.0, lambda m: {},
-                       timeout_s=self.spec.options.rebuild_budget_s)
+        while True:
+            seen = current_epoch(self.store, self.group)
+            ms.request_join(self.store, self.group, self.id)
+            self.timeline.append((time.time(), "join requested"))
+            while current_epoch(self.store, self.group) <= seen:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no epoch admitted this joiner")
+                time.sleep(0.01)
+            epoch = current_epoch(self.store, self.group)
+            try:
+                new = ms.agree(self.store, self.group, epoch, self.id, [], 0.0, lambda m: {},
+                               timeout_s=self.spec.options.rebuild_budget_s)
+                break
+            except FencedError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no epoch admitted this joiner") from None
+                self.timeline.append((time.time(), f"not admitted at epoch {epoch}, asking again"))
         self.controller.handle(PeerFenced(epoch))
         self.controller.handle(RebuildStarted(epoch))
         self._adopt(new, None)
@@ -210,15 +238,15 @@ class ElasticRank:
             self.pg.configure(f"eft/{self.group}/e0/pg", self.id, len(self.members.members))
         for _ in range(self.spec.max_steps):
             try:
-                word = self.step()
+                word, joiner = self.step()
                 self.store.set(f"loop/step/{self.id}", f"{self.members.epoch}:{self.steps_ok}")
                 if self.controller.view.state is GroupState.READY:
                     self.controller.handle(Served(self.members.epoch))
                     self.timeline.append((time.time(), f"serving at epoch {self.members.epoch}"))
                 if word & _STOP_BIT:
                     return "stopped"
-                if word & _JOIN_BIT:
-                    raise _Rebuild("join requested")
+                if word & _JOIN_BIT and joiner is not None:
+                    raise _Rebuild(joiner)
             except (RankFaultError, FencedError, _Rebuild) as err:
                 if self.controller.view.state is GroupState.FAILED:
                     return "failed"
@@ -226,7 +254,8 @@ class ElasticRank:
                     if isinstance(err, FencedError) and self._stale():
                         raise err  # slept through a whole rebuild: not a member any more
                     wait = 0.0 if isinstance(err, (_Rebuild, FencedError)) else 1.5
-                    self.rebuild(f"{type(err).__name__}: {err}"[:200], wait)
+                    self.rebuild(f"{type(err).__name__}: {err}"[:200], wait,
+                                 err.joiner if isinstance(err, _Rebuild) else None)
                 except FencedError as refused:
                     if not self.spec.rejoin_when_fenced:
                         self.timeline.append((time.time(), f"refused: {refused}"))
