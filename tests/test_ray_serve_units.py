@@ -12,9 +12,11 @@ pytest.importorskip("ray.serve.llm")
 
 from ray.serve.llm import LLMConfig  # noqa: E402
 
-from vllm_elastic_ft.config import ElasticFTConfigError  # noqa: E402
+from vllm_elastic_ft.config import ElasticFTConfig, ElasticFTConfigError  # noqa: E402
+from vllm_elastic_ft.group.state_machine import GroupState, GroupView  # noqa: E402
 from vllm_elastic_ft.ray_serve.builder import ROUTER_CLASS, prepare_llm_config  # noqa: E402
 from vllm_elastic_ft.ray_serve.router import GangAwareRequestRouter, replica_serves  # noqa: E402
+from vllm_elastic_ft.ray_serve.server import ElasticDPServer  # noqa: E402
 
 
 def _config(**engine_kwargs) -> LLMConfig:
@@ -84,3 +86,72 @@ def test_gang_autoscaling_is_left_as_ray_builds_it(tiny_moe_path):
     differing = {k for k in mine if mine[k] != theirs[k]}
     assert differing <= {"request_router_config", "version", "user_configured_option_names"}, \
         differing
+
+
+class _Replica(ElasticDPServer):
+    def __del__(self):  # Ray's LLMServer.__del__ is a coroutine; this replica has no engine
+        pass
+
+
+def _replica(state: GroupState, rank: int = 1, since_s_ago: float = 0.0, live=(0,),
+             engine_healthy: bool = True, **ft) -> _Replica:
+    """An ElasticDPServer whose gang view and engine health are given (no Ray, no engine)."""
+    import time
+
+    replica = _Replica.__new__(_Replica)
+    view = GroupView("g", 2, tuple(live), state=state, since=time.time() - since_s_ago,
+                     reason="rank(s) [1] dead")
+    replica._ft_group = SimpleNamespace(controller=SimpleNamespace(view=view))
+    replica._ft_config = ElasticFTConfig(**ft)
+    replica._ft_gang, replica._ft_rank = "gang-a", rank
+    replica.engine = None
+    replica.engine_checked = []
+
+    async def engine_check():  # stands for DPServer.check_health (the engine's own check)
+        replica.engine_checked.append(True)
+        if not engine_healthy:
+            raise RuntimeError("engine dead")
+
+    replica._engine_check = engine_check
+    return replica
+
+
+@pytest.fixture()
+def engine_check(monkeypatch):
+    from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
+
+    async def check(self):
+        await self._engine_check()
+
+    monkeypatch.setattr(DPServer, "check_health", check)
+
+
+def _healthy(replica) -> bool:
+    try:
+        asyncio.run(replica.check_health())
+        return True
+    except RuntimeError:
+        return False
+
+
+def test_health_stays_green_while_the_gang_heals_in_place(engine_check):
+    for state in (GroupState.FENCED, GroupState.REBUILDING, GroupState.READY):
+        # The lost rank's own replica too: Ray must not restart the gang over it.
+        assert _healthy(_replica(state, engine_healthy=False, rebuild_budget_s=20.0))
+        assert not _healthy(_replica(state, since_s_ago=21.0, rebuild_budget_s=20.0))
+    assert not _healthy(_replica(GroupState.FAILED))
+    # Healed without this rank: its replica only forwards, and stays up.
+    assert _healthy(_replica(GroupState.HEALTHY, rank=1, live=(0,), engine_healthy=False))
+    # A dead engine the gang did not heal around: Ray's gang restart.
+    assert not _healthy(_replica(GroupState.HEALTHY, rank=1, live=(0, 1), engine_healthy=False))
+
+
+def test_with_rebuild_off_a_fenced_gang_asks_for_its_restart_at_once(engine_check):
+    for state in (GroupState.FENCED, GroupState.REBUILDING, GroupState.READY):
+        assert not _healthy(_replica(state, in_engine_rebuild=False))
+    assert not _healthy(_replica(GroupState.FAILED, in_engine_rebuild=False))
+    # Not fenced: the engine's own check decides, whatever the view's live ranks say.
+    assert _healthy(_replica(GroupState.HEALTHY, live=(0, 1), in_engine_rebuild=False))
+    assert _healthy(_replica(GroupState.SUSPECT, live=(0, 1), in_engine_rebuild=False))
+    assert not _healthy(_replica(GroupState.HEALTHY, live=(0,), engine_healthy=False,
+                                 in_engine_rebuild=False))

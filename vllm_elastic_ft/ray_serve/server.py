@@ -12,7 +12,8 @@ The subclass (targets ray 2.60 ``DPServer``):
 * **health**: ``check_health`` stays green while the gang heals in place (FENCED,
   REBUILDING, READY within ``rebuild_budget_s``) and on a replica whose rank the
   gang left behind; it raises once the gang is FAILED (or over budget), so Ray
-  Serve's gang restart (``RESTART_GANG``) happens only then;
+  Serve's gang restart (``RESTART_GANG``) happens only then; with
+  ``in_engine_rebuild: false`` it raises as soon as the gang is fenced;
 * **traffic**: ``record_routing_stats`` says ``serving: False`` while the gang is
   not serving or this rank is lost; :mod:`.router` routes around such replicas;
   a request that fails here because this rank was lost is re-sent through the
@@ -130,7 +131,15 @@ class ElasticDPServer(DPServer):
         if view.state is GroupState.FAILED:
             raise RuntimeError(f"gang {self._ft_gang}: DP group FAILED ({view.reason}); "
                                "a gang restart is needed")
-        if view.state in HEALING and self._ft_config.in_engine_rebuild:
+        if not self._ft_config.in_engine_rebuild:
+            # Nothing will heal the gang in place: every replica asks for the
+            # gang restart at once, instead of waiting for its engines to die.
+            if view.state in (GroupState.FENCED, GroupState.REBUILDING, GroupState.READY):
+                raise RuntimeError(f"gang {self._ft_gang}: DP group {view.state.value} "
+                                   f"({view.reason}) and in_engine_rebuild is off; "
+                                   "a gang restart is needed")
+            return await super().check_health()
+        if view.state in HEALING:
             if time.time() - view.since > self._ft_config.rebuild_budget_s:
                 raise RuntimeError(f"gang {self._ft_gang}: {view.state.value} for longer than "
                                    f"rebuild_budget_s={self._ft_config.rebuild_budget_s}")
