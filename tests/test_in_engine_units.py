@@ -165,6 +165,33 @@ def test_a_replacement_rank_is_admitted_with_the_experts_it_brought(store):
     assert int(store.get(epochs.step_key("dp", 2, 0))) == 7
 
 
+def test_an_idle_member_waits_for_its_admit_call_instead_of_recovering(store):
+    """An admission's fence is marked before it happens; an idle member that sees the
+    new epoch first does not treat it as a fault (it would fence a second time)."""
+    from vllm_elastic_ft.vllm.worker_group import GROUP_NAME, WorkerGroup
+
+    shrunk, _ = _advance_all(store, epochs.initial(4, 8), [0, 2, 3], {1})  # epoch 1
+    group = WorkerGroup.__new__(WorkerGroup)
+    group.store, group.members = store, shrunk[3]
+    named = []
+    group.watchdog = SimpleNamespace(group_epoch=1, peer_named=lambda: bool(named))
+    assert GROUP_NAME == "dp" and not group._admission_coming()
+    # Rank 0's admit call came first: it marked epoch 2 and fenced.
+    first = threading.Thread(target=lambda: epochs.admit(
+        store, "dp", shrunk[0], 0, 1, "t3", None, 5, 0.3, 10))
+    first.start()
+    while current_epoch(store, "dp") < 2:
+        time.sleep(0.005)
+    group.watchdog.group_epoch = 2
+    assert epochs.is_admission(store, "dp", 2) and group._admission_coming()
+    named.append(1)  # ... but a peer named dead is a fault all the same
+    assert not group._admission_coming()
+    first.join()
+    # A fault's fence is not an admission's.
+    epochs.advance(store, "dp", epochs.published(store, "dp", 2), 0, set(), 8, 0.1, 10)
+    assert current_epoch(store, "dp") == 3 and not epochs.is_admission(store, "dp", 3)
+
+
 def test_a_replacement_that_never_registers_leaves_the_group_as_it_was(store):
     shrunk, _ = _advance_all(store, epochs.initial(4, 8), [0, 2, 3], {1})
     results, errors = _at_once({r: (lambda r=r: epochs.admit(store, "dp", shrunk[r], r, 1, "t2",

@@ -105,6 +105,15 @@ def joiner_experts_key(group: str, ticket: str) -> str:
     return f"eft/{group}/admit/{ticket}/experts"
 
 
+def admission_key(group: str, epoch: int) -> str:
+    """Marks ``epoch`` as an admission's (a planned fence, not a fault); holds the ticket."""
+    return f"eft/{group}/e{epoch}/admission"
+
+
+def is_admission(store, group: str, epoch: int) -> bool:
+    return store.check([admission_key(group, epoch)])
+
+
 def step_key(group: str, epoch: int, rank: int) -> str:
     return f"eft/{group}/e{epoch}/step/{rank}"
 
@@ -129,6 +138,9 @@ def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ti
     from vllm_elastic_ft.placement.solver import admit as admit_placement
 
     if old is not None:
+        # The mark goes first: a member that sees the new epoch before its own
+        # admit call arrives must know the fence is this admission's, not a fault's.
+        store.set(admission_key(group, old.epoch + 1), ticket)
         epoch = fence(store, group, old.epoch)
         store.set(step_key(group, epoch, me), str(step))
         store.set(admit_key(group, ticket), str(epoch))

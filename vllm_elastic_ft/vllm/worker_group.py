@@ -321,7 +321,7 @@ class WorkerGroup:
         """Watcher thread, after each tick: an idle rank whose peer failed (or whose group
         moved on) rebuilds now, so the group is ready before the next request comes."""
         if (self.model is None or self.joining or not self.watchdog.peer_failed()
-                or self._fenced_out is not None):
+                or self._fenced_out is not None or self._admission_coming()):
             return
         if self._idle_rebuild is not None and self._idle_rebuild.is_alive():
             return
@@ -332,9 +332,17 @@ class WorkerGroup:
                                               name="elastic-ft-idle-rebuild", daemon=True)
         self._idle_rebuild.start()
 
+    def _admission_coming(self) -> bool:
+        """The group moved one epoch on for an admission and no peer was named: this rank's
+        own admit call is on its way (recovering on its own here would fence once more
+        and leave the engines' DP sync at two different epochs)."""
+        epoch = self.watchdog.group_epoch
+        return (not self.watchdog.peer_named() and epoch == self.members.epoch + 1
+                and epochs.is_admission(self.store, GROUP_NAME, epoch))
+
     def _rebuild_while_idle(self) -> None:
         with self._lock:
-            if self._in_step or not self.watchdog.peer_failed():
+            if self._in_step or not self.watchdog.peer_failed() or self._admission_coming():
                 return
             try:
                 self.recover("a peer failed while this rank was idle")

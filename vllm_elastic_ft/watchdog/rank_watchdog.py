@@ -159,7 +159,11 @@ class RankWatchdog:
     def peer_failed(self) -> bool:
         """Whether a call of this epoch can stop waiting: a peer was named dead or
         hung, or the group was fenced past this rank's epoch. Cheap (two reads)."""
-        return self._peer_fault_epoch == self.epoch or self.group_epoch > self.epoch
+        return self.peer_named() or self.group_epoch > self.epoch
+
+    def peer_named(self) -> bool:
+        """Whether this rank's watchdog named a dead or hung peer in its current epoch."""
+        return self._peer_fault_epoch == self.epoch
 
     def deadline_for(self, seq: int) -> float:
         """The deadline of call ``seq`` in seconds (0: none, warm-up)."""
