@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
-from vllm_elastic_ft.watchdog.attribution import RankStatus, attribute, probe_process
+from vllm_elastic_ft.watchdog.attribution import (
+    RankStatus, attribute, probe_process, silent_members,
+)
 from vllm_elastic_ft.watchdog.report import FaultKind
 
 NOW = 1000.0
@@ -78,6 +80,16 @@ def test_deadline_miss_with_every_peer_ahead_blames_this_rank():
     statuses = {r: _st(r, entered=11, finished=10) for r in range(4)}
     v = attribute(NOW, 1, statuses, {}, {}, waiting_seq=11, deadline_s=1.0, **KW)
     assert v.suspects == (1,) and v.kind is FaultKind.SLOW
+
+
+def test_a_member_silent_in_a_rebuilt_epoch_is_named_dead_after_the_limit():
+    # Rank 3 agreed on the epoch, then died before its first heartbeat in it.
+    statuses = {r: _st(r) for r in range(3)}
+    assert silent_members(NOW, 0, 4, statuses, epoch_began=NOW - 1.0, limit_s=2.0) is None
+    v = silent_members(NOW, 0, 4, statuses, epoch_began=NOW - 2.5, limit_s=2.0)
+    assert v.suspects == (3,) and v.kind is FaultKind.DEAD and "no heartbeat" in v.evidence[3]
+    # Everyone heard from (this rank's own heartbeat need not be read back): nothing.
+    assert silent_members(NOW, 3, 4, statuses, epoch_began=NOW - 9.0, limit_s=2.0) is None
 
 
 def test_probe_process_sees_alive_stopped_and_gone():

@@ -95,6 +95,29 @@ def classify_peer(
     return None, f"heartbeat {age:.2f}s ago, finished seq {status.finished}, progress {now - last_progress_t:.2f}s ago"
 
 
+def silent_members(now: float, me: int, world_size: int, statuses: dict[int, RankStatus],
+                   epoch_began: float, limit_s: float) -> Verdict | None:
+    """The members of a rebuilt epoch that have published no heartbeat in it, ``limit_s``
+    after this rank moved to it (or None).
+
+    Every member moves its watchdog to the new epoch right after the agreement,
+    so its first heartbeat follows within one interval; a member that died
+    between the agreement and that heartbeat has no status to classify, and an
+    idle group would never name it. (Not for epoch 0: ranks start up at
+    different times.)
+    """
+    waited = now - epoch_began
+    if waited <= limit_s:
+        return None
+    silent = tuple(r for r in range(world_size) if r != me and r not in statuses)
+    if not silent:
+        return None
+    evidence = {r: f"no heartbeat in this epoch, {waited:.2f}s after it began" for r in silent}
+    return Verdict(silent, FaultKind.DEAD,
+                   f"rank(s) {list(silent)} dead: " + "; ".join(f"{r}: {w}" for r, w in
+                                                               evidence.items()), evidence)
+
+
 def attribute(
     now: float,
     me: int,

@@ -107,6 +107,8 @@ class RankWatchdog:
         #: The group epoch last read from the store; ahead of ``epoch`` means
         #: this rank is fenced out and must not communicate.
         self.group_epoch = epoch
+        #: When this rank moved to ``epoch`` (members that stay silent in it are named).
+        self.epoch_began = time.time()
         #: Optional evidence source for a missed deadline: ranks a transport
         #: itself marked as silent (DeepEP's low-latency mask buffer).
         self.miss_suspects: Callable[[], list[int]] | None = None
@@ -228,6 +230,7 @@ class RankWatchdog:
         """Move to a rebuilt group: new epoch, this rank's new index, new width."""
         with self._lock:
             self.epoch, self.rank, self.world_size = epoch, rank, world_size
+            self.epoch_began = time.time()
             self.group_epoch = max(self.group_epoch, epoch)
             self._progress.clear()
             self._pending.clear()
@@ -254,6 +257,10 @@ class RankWatchdog:
         self._read_injection()
         progress_t = {r: t for r, (_, t) in self._progress.items()}
         verdict = attribution.attribute(now, self.rank, statuses, probes, progress_t, **self._limits)
+        if verdict is None and self.epoch > 0:
+            verdict = attribution.silent_members(
+                now, self.rank, self.world_size, statuses, self.epoch_began,
+                max(self.settings.heartbeat_stale_s, self.settings.deadline_s))
         if verdict is not None:
             self._report(verdict, "liveness", None, None)
         while True:

@@ -9,9 +9,10 @@ idempotent and cheap, and a process simply never calls the other side's code.
 
 from vllm_elastic_ft.vllm.patches import (
     cpu_communicator, cpu_experts, deepep, dp_sync, engine_args, engine_sync, no_cascade,
-    replacement, request_routing, step_retry,
+    replacement, request_routing, step_retry, worker_start,
 )
 
 FRONTEND = (engine_args, no_cascade, request_routing)
-ENGINE = (cpu_communicator, cpu_experts, deepep, dp_sync, step_retry, engine_sync, replacement)
+ENGINE = (cpu_communicator, cpu_experts, deepep, dp_sync, step_retry, engine_sync, replacement,
+          worker_start)
 ALL = FRONTEND + ENGINE

@@ -9,6 +9,9 @@ group instead (``vllm/engine_group.py``), which follows the workers' rebuilds.
 ``ParallelConfig.has_unfinished_dp`` (the barrier of a DP-aware resume after a
 pause) runs there too, so pause/resume keeps working after a rank loss.
 A replacement engine has no vLLM DP group at all (``vllm/replacement.py``).
+The engine group is built when an engine's busy loop starts, while every
+engine is alive (an engine lost before the first request is then a peer that
+closed, not a rendezvous that never completes).
 """
 
 from __future__ import annotations
@@ -49,7 +52,18 @@ HAS_UNFINISHED_DP = PatchSpec(
     params=("dp_group", "has_unfinished"),
 )
 
-SPECS = (SYNC_DP_STATE, HAS_GLOBAL_UNFINISHED, HAS_UNFINISHED_DP)
+BUSY_LOOP = PatchSpec(
+    target="vllm.v1.engine.core:DPEngineCoreProc.run_busy_loop",
+    why="Built at the first sync, the engine group's epoch-0 rendezvous waited (for the "
+    "group's timeout, 120 s or more) on an engine that had died before the first request.",
+    how="Build the engine group (and bind the engine to it) when the busy loop starts, "
+    "while every engine is alive; then run the stock loop.",
+    upstream="vllm-project/vllm#30112",
+    remove_when="vLLM's engine DP group can shrink around a lost engine.",
+    params=("self",),
+)
+
+SPECS = (SYNC_DP_STATE, HAS_GLOBAL_UNFINISHED, HAS_UNFINISHED_DP, BUSY_LOOP)
 
 
 def _group_for(dp_group):
@@ -94,7 +108,19 @@ def _make_has_unfinished_dp(original: Callable[..., Any]) -> Callable[..., Any]:
     return has_unfinished_dp
 
 
+def _make_run_busy_loop(original: Callable[..., Any]) -> Callable[..., Any]:
+    def run_busy_loop(self):
+        group = engine_group(self.engine_index, self.dp_size) if process_config().enabled \
+            else None
+        if group is not None and group.engine is None:
+            group.bind(self)
+        return original(self)
+
+    return run_busy_loop
+
+
 def apply() -> None:
     apply_patch(SYNC_DP_STATE, _make_sync_dp_state, kind="staticmethod")
     apply_patch(HAS_GLOBAL_UNFINISHED, _make_has_global_unfinished)
     apply_patch(HAS_UNFINISHED_DP, _make_has_unfinished_dp, kind="staticmethod")
+    apply_patch(BUSY_LOOP, _make_run_busy_loop)

@@ -1,0 +1,54 @@
+"""Build a CPU worker's elastic DP group when the worker has started, not at its first step.
+
+The group (its watchdog's heartbeats, its epoch-0 communicator) used to come
+up at the first DP collective, i.e. the first request: vLLM's CPU start-up
+(profile run, warm-up) runs none. A rank that died between start-up and the
+first request had then never published a heartbeat, and that first request
+waited in the epoch-0 rendezvous for it, with no deadline (measured: DP=4,
+worker of rank 1 SIGKILLed right after the server was ready, the next request
+hung). Built at the end of start-up, every rank's heartbeat names such a death
+at once and the idle survivors rebuild before the first request arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.process_config import process_config
+
+logger = get_logger(__name__)
+
+WARM_UP = PatchSpec(
+    target="vllm.v1.worker.cpu_worker:CPUWorker.compile_or_warm_up_model",
+    why="Nothing watches a DP rank before its first step: a rank that dies after start-up "
+    "but before the first request stalls that request with no deadline.",
+    how="After vLLM's warm-up, build the worker's elastic DP group (watchdog heartbeats, "
+    "epoch-0 communicator) and attach the loaded model.",
+    upstream="vllm-project/vllm#30112 (keep survivors when a DP process dies)",
+    remove_when="vLLM's DP ranks watch each other from start-up.",
+    params=("self",),
+)
+
+SPECS = (WARM_UP,)
+
+
+def _make_compile_or_warm_up_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    def compile_or_warm_up_model(self):
+        result = original(self)
+        parallel_config = self.vllm_config.parallel_config
+        if process_config().enabled and parallel_config.data_parallel_size > 1:
+            from vllm_elastic_ft.vllm.worker_group import worker_group
+
+            group = worker_group(parallel_config.data_parallel_rank,
+                                 parallel_config.data_parallel_size)
+            if group is not None:
+                group.attach_runner(self.model_runner)
+        return result
+
+    return compile_or_warm_up_model
+
+
+def apply() -> None:
+    apply_patch(WARM_UP, _make_compile_or_warm_up_model)
