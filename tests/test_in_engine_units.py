@@ -351,3 +351,51 @@ def test_a_replacement_is_refused_for_a_live_rank_or_a_group_that_does_not_serve
                                                   state=SimpleNamespace(value="REBUILDING"))
     with pytest.raises(ValueError, match="REBUILDING"):
         asyncio.run(recovery.replace(1, 1.0, 1.0))
+
+
+def _engine_like(name: str):
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,), name=name)
+    proc.start()
+    return proc
+
+
+def test_the_engine_monitor_watches_replacements_too(monkeypatch):
+    """vLLM's engine-liveness monitor (patched): each engine exit is handed to the
+    recovery; a replacement appended to the manager's list later is watched as well, so
+    losing every original engine is no shutdown while replacements run."""
+    from vllm_elastic_ft.vllm.patches import no_cascade
+
+    exits = []
+    recovery = SimpleNamespace(min_live_ranks=1,
+                               engine_exited=lambda rank, code: exits.append(rank))
+    monkeypatch.setattr(no_cascade, "frontend_recovery", lambda: recovery)
+    shut = threading.Event()
+    manager = SimpleNamespace(processes=[_engine_like("EngineCore_DP0"),
+                                         _engine_like("EngineCore_DP1")],
+                              manager_stopped=threading.Event(), failed_proc_name=None,
+                              shutdown=shut.set)
+    monitor = threading.Thread(target=no_cascade._make_monitor(lambda self: None),
+                               args=(manager,), daemon=True)
+    monitor.start()
+    try:
+        def wait_for(condition):
+            deadline = time.monotonic() + 30
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert condition()
+
+        manager.processes[1].kill()
+        wait_for(lambda: exits == [1])
+        manager.processes.append(_engine_like("EngineCore_DP1"))  # the replacement
+        time.sleep(1.5)  # one round of the monitor's wait: it picks the replacement up
+        manager.processes[0].kill()
+        wait_for(lambda: exits == [1, 0])
+        assert not shut.is_set(), "the replacement still serves"
+        manager.processes[2].kill()
+        wait_for(shut.is_set)
+        assert manager.failed_proc_name == "EngineCore_DP1" and exits == [1, 0]
+    finally:
+        for proc in manager.processes:
+            proc.kill()

@@ -31,7 +31,8 @@ logger = get_logger(__name__)
 MONITOR = PatchSpec(
     target="vllm.v1.engine.utils:CoreEngineProcManager.monitor_engine_liveness",
     why="The first engine that exits makes the API server shut down every engine.",
-    how="On an engine exit, hand its DP rank to the front-end recovery and keep watching; "
+    how="On an engine exit, hand its DP rank to the front-end recovery and keep watching "
+    "(replacement engines too); "
     "shut down (as stock) only when no tolerable group is left.",
     upstream="vllm-project/vllm#39863, #30112",
     remove_when="vLLM tolerates the loss of one DP engine.",
@@ -60,16 +61,25 @@ def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
     def monitor_engine_liveness(self) -> None:
         if len(self.processes) < 2:
             return original(self)
-        by_sentinel = {p.sentinel: (p, _rank_of(p, i)) for i, p in enumerate(self.processes)}
-        while by_sentinel and not self.manager_stopped.is_set():
-            for sentinel in connection.wait(list(by_sentinel), timeout=1):
-                proc, rank = by_sentinel.pop(sentinel)
+        watched: dict[Any, tuple[Any, int]] = {}
+        exited: set = set()
+        while not self.manager_stopped.is_set():
+            # Re-read the list each time: a replacement engine (vllm/replacement.py)
+            # is appended to it while this thread runs, and must be watched too.
+            for i, p in enumerate(list(self.processes)):
+                if p.sentinel not in watched and p.sentinel not in exited:
+                    watched[p.sentinel] = (p, _rank_of(p, i))
+            if not watched:
+                break
+            for sentinel in connection.wait(list(watched), timeout=1):
+                proc, rank = watched.pop(sentinel)
+                exited.add(sentinel)
                 if self.manager_stopped.is_set():
                     continue
                 # Asked at each death, not at start: the recovery is installed
                 # once the API server knows its config, after this thread starts.
                 recovery = frontend_recovery()
-                if recovery is None or len(by_sentinel) < recovery.min_live_ranks:
+                if recovery is None or len(watched) < recovery.min_live_ranks:
                     self.failed_proc_name = proc.name
                     if recovery is not None:
                         logger.error("engine %s exited (code %s): fewer than %d engines remain; "
