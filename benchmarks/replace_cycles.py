@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Lose and replace ranks again and again on one running vLLM server (a soak of rejoin).
+
+Starts one DP=N EP server (the tiny MoE), then for each rank in ``--ranks``:
+SIGKILL that rank's worker, wait until the group serves without it, ask
+``POST /elastic_ft/replace`` for it while a closed-loop load runs (no client
+retries), and record the admission. The first kill comes before any request
+ran (the ranks are watched from start-up); each later kill comes right after
+the previous admission. Per cycle: ``serving_without_s`` (kill -> group serves
+without the rank), ``engine_start_s`` / ``admission_s`` (from the endpoint's
+answer), ``requests_ok`` / ``requests_failed``. Prints JSON lines and a
+summary, writes ``<out>/replace_cycles.json``.
+
+    python benchmarks/replace_cycles.py --dp 4 --ranks 1 3 0 2 1 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from vllm_elastic_ft import faults
+from vllm_elastic_ft.loadgen import complete_once, run_load
+from vllm_elastic_ft.testing.server import ServerSpec, VLLMServer
+from vllm_elastic_ft.testing.tiny_moe import build_tiny_moe
+
+PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
+
+
+def _serving_without(server: VLLMServer, rank: int, timeout_s: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        status = server.get_json("/elastic_ft/status")
+        if status.get("serving") and rank not in status["live_ranks"]:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise TimeoutError(f"the group did not serve without rank {rank} in {timeout_s}s")
+
+
+def run_cycle(server: VLLMServer, cycle: int, rank: int, requests: int, concurrency: int) -> dict:
+    pid = faults.find_rank_processes(server.proc.pid)[rank]["worker"]
+    faults.signal_process("kill", pid, rank)
+    killed = time.monotonic()
+    record: dict = {"bench": "replace_cycles", "cycle": cycle, "rank": rank}
+    if cycle == 0:  # nothing ran yet: the first request must be served all the same
+        complete_once(server.url, PROMPTS[0], 8, 120)
+        record["first_request_after_kill_s"] = round(time.monotonic() - killed, 3)
+    record["serving_without_s"] = round(_serving_without(server, rank, 60), 3)
+    loads = []
+    load = threading.Thread(target=lambda: loads.append(run_load(
+        server.url, PROMPTS, requests, concurrency, max_tokens=16, timeout_s=180,
+        progress_every_s=None)))
+    load.start()
+    time.sleep(1.0)  # requests are running on the survivors
+    code, answer = server.post_json("/elastic_ft/replace", {"rank": rank})
+    load.join()
+    record.update(replace_status=code, admitted=code == 200 and rank in answer.get("members", []),
+                  engine_start_s=answer.get("start_s"), admission_s=answer.get("admit_s"),
+                  error=answer.get("error"), requests_ok=loads[0].ok,
+                  requests_failed=loads[0].failed)
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dp", type=int, default=4)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 3, 0, 2, 1, 0],
+                        help="the rank lost (and replaced) in each cycle")
+    parser.add_argument("--requests", type=int, default=24, help="per cycle")
+    parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=Path("runs"))
+    args = parser.parse_args()
+    if any(not 0 <= r < args.dp for r in args.ranks):
+        parser.error(f"--ranks: each must be in [0, {args.dp - 1}]")
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = ServerSpec(str(build_tiny_moe()), data_parallel_size=args.dp, expert_parallel=True,
+                      extra_args=["--elastic-ft-deadline-s", "2",
+                                  "--elastic-ft-rebuild-budget-s", "20"])
+    records = []
+    with VLLMServer(spec, args.out / "replace_cycles_server.log") as server:
+        server.wait_ready()
+        for cycle, rank in enumerate(args.ranks):
+            print(f"[replace_cycles] cycle {cycle + 1}/{len(args.ranks)}: rank {rank}",
+                  flush=True)
+            record = run_cycle(server, cycle, rank, args.requests, args.concurrency)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+            if not record["admitted"]:
+                break
+    admitted = [r for r in records if r["admitted"]]
+    summary = {
+        "bench": "replace_cycles_summary", "dp": args.dp, "cycles": len(args.ranks),
+        "admitted": len(admitted),
+        "requests_ok": sum(r["requests_ok"] for r in records),
+        "requests_failed": sum(r["requests_failed"] for r in records),
+        "admission_s_median": statistics.median(r["admission_s"] for r in admitted)
+        if admitted else None,
+        "engine_start_s_median": statistics.median(r["engine_start_s"] for r in admitted)
+        if admitted else None,
+        "first_request_after_kill_s": records[0].get("first_request_after_kill_s")
+        if records else None,
+    }
+    print(json.dumps(summary), flush=True)
+    (args.out / "replace_cycles.json").write_text(json.dumps(
+        {"cycles": records, "summary": summary}, indent=2))
+    return 0 if len(admitted) == len(args.ranks) and summary["requests_failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
