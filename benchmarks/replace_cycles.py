@@ -97,10 +97,10 @@ def main() -> int:
         "admitted": len(admitted),
         "requests_ok": sum(r["requests_ok"] for r in records),
         "requests_failed": sum(r["requests_failed"] for r in records),
-        "admission_s_median": statistics.median(r["admission_s"] for r in admitted)
+        "admission_s_median": round(statistics.median(r["admission_s"] for r in admitted), 3)
         if admitted else None,
-        "engine_start_s_median": statistics.median(r["engine_start_s"] for r in admitted)
-        if admitted else None,
+        "engine_start_s_median": round(statistics.median(r["engine_start_s"] for r in admitted),
+                                       1) if admitted else None,
         "first_request_after_kill_s": records[0].get("first_request_after_kill_s")
         if records else None,
     }
