@@ -151,15 +151,12 @@ def take_logical_dp_rank(rank: int, world: int, enable_expert_parallel: bool) ->
 
 
 def prepare_in_worker(worker):
-    """``collective_rpc`` target: this worker's group (built now if no step ran yet: an
-    eager warm-up runs none with collectives), with the model attached."""
-    from vllm_elastic_ft.vllm.worker_group import worker_group
+    """``collective_rpc`` target: this worker's group, with the model attached."""
+    from vllm_elastic_ft.vllm.worker_group import attached_worker_group
 
-    parallel_config = worker.vllm_config.parallel_config
-    group = worker_group(parallel_config.data_parallel_rank, parallel_config.data_parallel_size)
+    group = attached_worker_group(worker)
     if group is None:
         raise RuntimeError("no elastic DP group in this worker (in_engine_rebuild off?)")
-    group.attach_runner(worker.model_runner)
     return group
 
 

@@ -413,6 +413,16 @@ def worker_group(rank_id: int, world: int) -> WorkerGroup | None:
     return _group
 
 
+def attached_worker_group(worker) -> WorkerGroup | None:
+    """A vLLM worker's group (built now if it is not yet) with the worker's model attached,
+    or None when in-engine rebuild is off in this process."""
+    parallel_config = worker.vllm_config.parallel_config
+    group = worker_group(parallel_config.data_parallel_rank, parallel_config.data_parallel_size)
+    if group is not None:
+        group.attach_runner(worker.model_runner)
+    return group
+
+
 def _die_with_parent() -> None:
     """Make the kernel SIGKILL this worker when its engine core dies.
 

@@ -112,10 +112,14 @@ def silent_members(now: float, me: int, world_size: int, statuses: dict[int, Ran
     silent = tuple(r for r in range(world_size) if r != me and r not in statuses)
     if not silent:
         return None
-    evidence = {r: f"no heartbeat in this epoch, {waited:.2f}s after it began" for r in silent}
-    return Verdict(silent, FaultKind.DEAD,
-                   f"rank(s) {list(silent)} dead: " + "; ".join(f"{r}: {w}" for r, w in
-                                                               evidence.items()), evidence)
+    return _named(silent, FaultKind.DEAD,
+                  {r: f"no heartbeat in this epoch, {waited:.2f}s after it began" for r in silent})
+
+
+def _named(suspects: tuple[int, ...], kind: FaultKind, evidence: dict[int, str]) -> Verdict:
+    """A verdict naming ``suspects``, its reason listing each one's evidence."""
+    return Verdict(suspects, kind, f"rank(s) {list(suspects)} {kind.value}: "
+                   + "; ".join(f"{r}: {evidence[r]}" for r in suspects), evidence)
 
 
 def attribute(
@@ -164,9 +168,7 @@ def attribute(
         # Dead outranks hung when both are present: it is the harder fault.
         kind = FaultKind.DEAD if any(k is FaultKind.DEAD for k, _ in dead_or_hung.values()) else FaultKind.HUNG
         suspects = tuple(r for r, (k, _) in dead_or_hung.items() if k is kind)
-        evidence = {r: why for r, (_, why) in dead_or_hung.items()}
-        return Verdict(suspects, kind, f"rank(s) {list(suspects)} {kind.value}: "
-                       + "; ".join(f"{r}: {evidence[r]}" for r in suspects), evidence)
+        return _named(suspects, kind, {r: why for r, (_, why) in dead_or_hung.items()})
     if waiting_seq is None:
         return None
     behind = [r for r, s in sorted(statuses.items()) if r != me and s.entered < waiting_seq]

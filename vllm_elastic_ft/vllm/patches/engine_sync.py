@@ -33,15 +33,6 @@ SYNC_DP_STATE = PatchSpec(
     params=("dp_group", "has_unfinished", "pending_pause"),
 )
 
-HAS_GLOBAL_UNFINISHED = PatchSpec(
-    target="vllm.v1.engine.core:DPEngineCoreProc._has_global_unfinished_reqs",
-    why="The engine group needs the engine object to hand rank 0's wave duty to a survivor.",
-    how="Bind the engine to its group, then run the stock method.",
-    upstream="vllm-project/vllm#39863",
-    remove_when="vLLM's engine DP group can shrink around a lost engine.",
-    params=("self", "local_unfinished"),
-)
-
 HAS_UNFINISHED_DP = PatchSpec(
     target="vllm.config.parallel:ParallelConfig.has_unfinished_dp",
     why="A DP-aware resume (after pause_generation) all-reduces over vLLM's DP group, which "
@@ -55,15 +46,16 @@ HAS_UNFINISHED_DP = PatchSpec(
 BUSY_LOOP = PatchSpec(
     target="vllm.v1.engine.core:DPEngineCoreProc.run_busy_loop",
     why="Built at the first sync, the engine group's epoch-0 rendezvous waited (for the "
-    "group's timeout, 120 s or more) on an engine that had died before the first request.",
-    how="Build the engine group (and bind the engine to it) when the busy loop starts, "
+    "group's timeout, 120 s or more) on an engine that had died before the first request; "
+    "and the group needs the engine object to hand rank 0's wave duty to a survivor.",
+    how="Build the engine group and bind the engine to it when the busy loop starts, "
     "while every engine is alive; then run the stock loop.",
     upstream="vllm-project/vllm#30112",
     remove_when="vLLM's engine DP group can shrink around a lost engine.",
     params=("self",),
 )
 
-SPECS = (SYNC_DP_STATE, HAS_GLOBAL_UNFINISHED, HAS_UNFINISHED_DP, BUSY_LOOP)
+SPECS = (SYNC_DP_STATE, HAS_UNFINISHED_DP, BUSY_LOOP)
 
 
 def _group_for(dp_group):
@@ -86,18 +78,6 @@ def _make_sync_dp_state(original: Callable[..., Any]) -> Callable[..., Any]:
     return sync_dp_state
 
 
-def _make_has_global_unfinished(original: Callable[..., Any]) -> Callable[..., Any]:
-    def _has_global_unfinished_reqs(self, local_unfinished: bool) -> bool:
-        dp_group = getattr(self, "dp_group", None)
-        group = _group_for(dp_group) if dp_group is not None else (
-            engine_group(self.engine_index, self.dp_size) if process_config().enabled else None)
-        if group is not None and group.engine is None:
-            group.bind(self)
-        return original(self, local_unfinished)
-
-    return _has_global_unfinished_reqs
-
-
 def _make_has_unfinished_dp(original: Callable[..., Any]) -> Callable[..., Any]:
     def has_unfinished_dp(dp_group, has_unfinished: bool) -> bool:
         group = _group_for(dp_group)
@@ -112,7 +92,7 @@ def _make_run_busy_loop(original: Callable[..., Any]) -> Callable[..., Any]:
     def run_busy_loop(self):
         group = engine_group(self.engine_index, self.dp_size) if process_config().enabled \
             else None
-        if group is not None and group.engine is None:
+        if group is not None:
             group.bind(self)
         return original(self)
 
@@ -121,6 +101,5 @@ def _make_run_busy_loop(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def apply() -> None:
     apply_patch(SYNC_DP_STATE, _make_sync_dp_state, kind="staticmethod")
-    apply_patch(HAS_GLOBAL_UNFINISHED, _make_has_global_unfinished)
     apply_patch(HAS_UNFINISHED_DP, _make_has_unfinished_dp, kind="staticmethod")
     apply_patch(BUSY_LOOP, _make_run_busy_loop)

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
-from vllm_elastic_ft.vllm.process_config import process_config
-
-logger = get_logger(__name__)
+from vllm_elastic_ft.vllm.worker_group import attached_worker_group
 
 WARM_UP = PatchSpec(
     target="vllm.v1.worker.cpu_worker:CPUWorker.compile_or_warm_up_model",
@@ -37,14 +34,7 @@ SPECS = (WARM_UP,)
 def _make_compile_or_warm_up_model(original: Callable[..., Any]) -> Callable[..., Any]:
     def compile_or_warm_up_model(self):
         result = original(self)
-        parallel_config = self.vllm_config.parallel_config
-        if process_config().enabled and parallel_config.data_parallel_size > 1:
-            from vllm_elastic_ft.vllm.worker_group import worker_group
-
-            group = worker_group(parallel_config.data_parallel_rank,
-                                 parallel_config.data_parallel_size)
-            if group is not None:
-                group.attach_runner(self.model_runner)
+        attached_worker_group(self)  # None (nothing built) when in-engine rebuild is off
         return result
 
     return compile_or_warm_up_model
