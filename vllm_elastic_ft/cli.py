@@ -9,6 +9,7 @@ Verbs:
                 requests lost, outputs checked)
   ray-drill     the same on Ray Serve LLM: two gangs, one loses a rank; in-place heal
                 vs Ray's gang restart, per-gang throughput
+  patches       check every patched / privately used vLLM symbol against a vLLM tree
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def cmd_ray_drill(args: argparse.Namespace) -> int:
     return run_ray_drill(args, _tiny_model(args))
 
 
+def cmd_patches(args: argparse.Namespace) -> int:
+    from vllm_elastic_ft.vllm.compat import run_report
+
+    return run_report(args.vllm_source, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-elastic-ft", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -150,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_ray_drill)
+
+    p = verbs.add_parser("patches", help="do the plugin's patches and private vLLM accesses "
+                         "still hold in a vLLM source tree (parsed, not imported)?")
+    p.add_argument("--vllm-source", metavar="DIR", help="a vLLM checkout or unpacked wheel "
+                   "(holding vllm/), or the vllm package dir (default: the installed vLLM)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_patches)
     return parser
 
 
