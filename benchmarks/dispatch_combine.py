@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from vllm_elastic_ft.comm import cpu_collectives
-from vllm_elastic_ft.faults import connect_store
+from vllm_elastic_ft.comm.store import connect_store
+from vllm_elastic_ft.comm.transport import GlooTransport
 from vllm_elastic_ft.testing.harness import RankGroup
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
@@ -62,6 +63,7 @@ def _bench_rank(rank: int, world: int, store_address: str, cases: list[tuple[int
     settings = WatchdogSettings(deadline_s=30.0, warmup_calls=0, prefer_native=native)
     watchdog = RankWatchdog(settings, connect_store(store_address), "bench", rank, world)
     group = dist.group.WORLD
+    transport = GlooTransport.over(group)
     results = []
     for tokens, hidden in cases:
         sizes = [tokens] * world
@@ -77,9 +79,9 @@ def _bench_rank(rank: int, world: int, store_address: str, cases: list[tuple[int
         for i in range(iters + 3):  # 3 warm-up rounds, not recorded
             calls = {
                 "dispatch": lambda: cpu_collectives.all_gatherv([x, w, ids], sizes, group),
-                "dispatch_g": lambda: guarded_dispatch(watchdog, [x, w, ids], sizes, group),
+                "dispatch_g": lambda: guarded_dispatch(watchdog, transport, [x, w, ids], sizes),
                 "combine": lambda: cpu_collectives.reduce_scatterv(partial, sizes, group),
-                "combine_g": lambda: guarded_combine(watchdog, partial, sizes, group),
+                "combine_g": lambda: guarded_combine(watchdog, transport, partial, sizes),
                 "a2a": lambda: dist.all_to_all_single(a2a_out, a2a_in, group=group),
             }
             # Alternate bare-first and guarded-first rounds: cache warmth from the

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group import epochs
 from vllm_elastic_ft.group.fencing import FencedError, current_epoch
 
@@ -96,23 +97,6 @@ def test_reported_suspects_are_stable_ids_of_this_epochs_reports():
     assert time.monotonic() - started < 1.0
 
 
-def test_a_joiner_named_in_a_rebuild_gets_a_share_of_the_experts(store):
-    old = epochs.initial(3, 6)  # {0: 0-1, 1: 2-3, 2: 4-5}
-    shrunk, _ = _advance_all(store, old, [0, 2], {1})
-
-    def join():  # as the harness's replacement does: wait for the fence, then register
-        while current_epoch(store, "dp") < 2:
-            time.sleep(0.005)
-        return epochs.ms.agree(store, "dp", 2, 1, [], 0.0, lambda m: {}, timeout_s=10)
-
-    results, errors = _at_once({
-        r: (lambda r=r: epochs.advance(store, "dp", shrunk[r], r, set(), 6, 2.0, 10, joiner=1))
-        for r in (0, 2)} | {1: join})
-    assert not errors, errors
-    assert {m.members for m in results.values()} == {(0, 1, 2)}
-    assert len(results[0].placement[1]) == 2
-
-
 def test_a_join_request_read_while_it_is_deleted_is_either_there_or_not(store):
     # The admitting epoch's leader deletes the request while other ranks may
     # be reading it; a check-then-get read here returned b"" (measured).
@@ -133,7 +117,7 @@ def test_a_join_request_read_while_it_is_deleted_is_either_there_or_not(store):
     try:
         for _ in range(500):
             epochs.ms.request_join(writer, "dp", 3)
-            writer.delete_key(epochs.ms.join_request_key("dp"))
+            writer.delete_key(keys.join_request("dp"))
     finally:
         done.set()
         reader.join()
@@ -162,17 +146,18 @@ def test_a_replacement_rank_is_admitted_with_the_experts_it_brought(store):
     # Back to vLLM's layout: the joiner computes what it loaded, nobody else does.
     assert placement == {0: (0, 1), 1: (2, 3), 2: (4, 5), 3: (6, 7)}
     # The joiner adopts the members' step number (the batch all-reduce checks it).
-    assert int(store.get(epochs.step_key("dp", 2, 0))) == 7
+    assert int(store.get(keys.admission_step("dp", 2, 0))) == 7
 
 
 def test_an_idle_member_waits_for_its_admit_call_instead_of_recovering(store):
     """An admission's fence is marked before it happens; an idle member that sees the
     new epoch first does not treat it as a fault (it would fence a second time)."""
-    from vllm_elastic_ft.vllm.worker_group import GROUP_NAME, WorkerGroup
+    from vllm_elastic_ft.group.member import GroupMember
+    from vllm_elastic_ft.vllm.worker_group import GROUP_NAME
 
     shrunk, _ = _advance_all(store, epochs.initial(4, 8), [0, 2, 3], {1})  # epoch 1
-    group = WorkerGroup.__new__(WorkerGroup)
-    group.store, group.members = store, shrunk[3]
+    group = GroupMember.__new__(GroupMember)
+    group.store, group.members, group.group = store, shrunk[3], GROUP_NAME
     named = []
     group.watchdog = SimpleNamespace(group_epoch=1, peer_named=lambda: bool(named))
     assert GROUP_NAME == "dp" and not group._admission_coming()
@@ -214,21 +199,22 @@ def test_admission_placement_moves_the_joiners_experts_back():
 def test_a_joining_worker_runs_its_collectives_alone():
     """Before admission a replacement worker's warm-up steps touch no peer: the other
     ranks count 0 tokens, dispatch pads their rows with zeros, combine keeps its own."""
+    from vllm_elastic_ft.group.member import GroupMember
     from vllm_elastic_ft.vllm.worker_group import WorkerGroup
 
     group = WorkerGroup.__new__(WorkerGroup)
     group.id, group.world = 1, 3
-    group.members = epochs.ms.Membership(-1, (1,), {}, -1)  # joining: no epoch yet
-    group._lock = threading.RLock()
-    group._in_step = group._redo_step = False
-    group.step, group.last_column = 0, None
+    group.member = GroupMember.__new__(GroupMember)
+    group.member.members = epochs.ms.Membership(-1, (1,), {}, -1)  # joining: no epoch yet
+    group.member.step = 0
+    group._redo_step, group.last_column = False, None
     counts = group.all_reduce_batch([5, 8, 0, 1])
     assert counts.tolist() == [[0, 5, 0], [0, 8, 0], [0, 0, 0], [0, 1, 0]]
     rows = torch.ones(2, 4)
     gathered = group.all_gatherv([rows], [3, 2, 1])
     assert gathered[0].shape == (6, 4) and gathered[0][3:5].eq(1).all()
     assert gathered[0][:3].eq(0).all() and gathered[0][5:].eq(0).all()
-    combined = group.reduce_scatterv(torch.arange(6.0).unsqueeze(1), [3, 2, 1], "all_to_all")
+    combined = group.reduce_scatterv(torch.arange(6.0).unsqueeze(1), [3, 2, 1])
     assert combined.flatten().tolist() == [3.0, 4.0]
 
 

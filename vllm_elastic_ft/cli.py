@@ -19,6 +19,7 @@ import os
 import sys
 
 from vllm_elastic_ft import faults
+from vllm_elastic_ft.comm.store import connect_store
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
         if not args.store:
             raise SystemExit("fault slow: --store host:port is required (the server logs "
                              "'watchdog store hosted at ...')")
-        faults.set_slow(faults.connect_store(args.store), args.group, args.rank, args.delay_s)
+        faults.set_slow(connect_store(args.store), args.group, args.rank, args.delay_s)
         print(f"rank {args.rank}: {args.delay_s}s added to every dispatch/combine")
         return 0
     pid = args.pid or faults.rank_pid(args.server_pid, args.rank, args.role)

@@ -138,6 +138,12 @@ class ElasticFTConfig:
         "'slow' reports that fence the group (fewer leave it SUSPECT, still serving).",
         min=1, max=1000,
     )
+    fault_injection: bool = _setting(
+        False,
+        "Let drills and tests inject faults through the store (a per-call delay for a "
+        "'slow' rank, a hold inside rebuilds). false: no injection key is ever read and "
+        "no injection code runs on the serving path.",
+    )
     store: str = _setting(
         "",
         "host:port of the TCPStore that carries heartbeats and fault reports; empty: "

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from vllm_elastic_ft import faults
+from vllm_elastic_ft.comm.store import connect_store
 from vllm_elastic_ft.loadgen import LoadSummary, RequestRecord, run_load
 from vllm_elastic_ft.reports_in_logs import fault_reports
 from vllm_elastic_ft.testing.harness import free_port
@@ -238,7 +239,7 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         store_address = ((deployment.status() or {}).get("watchdog") or {}).get("store")
         if args.second_fault_rank is not None and store_address:
             # Hold the survivors inside their rebuild long enough for the second fault to land.
-            faults.set_rebuild_delay(faults.connect_store(store_address), "dp", args.rebuild_hold_s)
+            faults.set_rebuild_delay(connect_store(store_address), "dp", args.rebuild_hold_s)
             timeline.add(f"injected: rebuilds held {args.rebuild_hold_s}s (second fault lands in one)")
         fault_fired, load_done, stop_following = (threading.Event() for _ in range(3))
         rejoin: dict = {}
@@ -250,7 +251,7 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
 
         def inject(kind: str, rank: int, note: str = "") -> None:
             if kind == "slow":
-                injection.append(faults.set_slow(faults.connect_store(store_address), "dp", rank,
+                injection.append(faults.set_slow(connect_store(store_address), "dp", rank,
                                                  args.slow_delay_s))
                 timeline.add(f"fault: slow DP rank {rank} by {args.slow_delay_s}s per "
                              f"dispatch/combine{note}", injection[-1].at)
@@ -303,7 +304,7 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
                 and deployment.starts == 1:
             faults.signal_process("cont", injection[0].pid, args.fault_rank)
         if args.fault == "slow" and store_address and deployment.starts == 1:
-            faults.set_slow(faults.connect_store(store_address), "dp", args.fault_rank, 0.0)
+            faults.set_slow(connect_store(store_address), "dp", args.fault_rank, 0.0)
         after = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
         time.sleep(0.5)  # let a woken stale rank meet its fence before the final look
         final = deployment.status() or {}

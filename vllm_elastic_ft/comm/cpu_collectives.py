@@ -49,7 +49,7 @@ class CollectiveCancelled(RuntimeError):
     """The caller gave up on a collective before its timeout (a peer is known to be gone)."""
 
 
-def _finish(work, timeout: timedelta | None, cancelled: Cancelled | None = None) -> None:
+def finish(work, timeout: timedelta | None, cancelled: Cancelled | None = None) -> None:
     """Wait for a collective, at most ``timeout`` (None: as long as the group's own timeout).
 
     With ``cancelled``, give up as soon as it returns True (checked every
@@ -97,7 +97,6 @@ def all_gatherv(
         group: a gloo process group.
         timeout: bound on the wait (None: block as the group's own timeout says).
         cancelled: checked while waiting; True gives up early (CollectiveCancelled).
-        cancelled: checked while waiting; True gives up early (CollectiveCancelled).
 
     Returns:
         One tensor per input, ``[sum(sizes), *trailing]``, same dtype.
@@ -123,7 +122,7 @@ def all_gatherv(
     # ProcessGroup methods rather than torch.distributed wrappers: the wrappers
     # accept only groups registered with the default group, not the stateless
     # epoch-scoped groups a rebuild creates.
-    _finish(group._allgather_base(gathered, packed), timeout, cancelled)
+    finish(group._allgather_base(gathered, packed), timeout, cancelled)
     # Drop each rank's padding, then cut the byte columns back into tensors.
     per_rank = gathered.view(world, max_rows, -1)
     rows = torch.cat([per_rank[r, : sizes[r]] for r in range(world)], dim=0)
@@ -167,7 +166,7 @@ def reduce_scatterv(
     start = sum(sizes[:rank])
     if mode == "allgather":
         reduced = tensor.contiguous().clone()
-        _finish(group.allreduce([reduced]), timeout, cancelled)
+        finish(group.allreduce([reduced]), timeout, cancelled)
         return reduced[start : start + sizes[rank]]
     if mode != "all_to_all":
         raise ValueError(f"mode must be one of {list(REDUCE_SCATTER_MODES)}, got {mode!r}")
@@ -177,5 +176,5 @@ def reduce_scatterv(
     )
     work = group.alltoall_base(received, tensor.contiguous(), [mine] * world, list(sizes),
                                dist.AllToAllOptions())
-    _finish(work, timeout, cancelled)
+    finish(work, timeout, cancelled)
     return received.view((world, mine) + tuple(tensor.shape[1:])).sum(dim=0)

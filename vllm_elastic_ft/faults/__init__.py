@@ -4,7 +4,9 @@
 * ``stop`` / ``cont``: SIGSTOP, later SIGCONT (a hang, then a stale rank waking up);
 * ``slow``: an added delay inside every guarded dispatch/combine of the rank,
   published in the watchdog store (the rank's watchdog picks it up within one
-  heartbeat interval); a delay of 0 clears it.
+  heartbeat interval); a delay of 0 clears it. Store knobs (``slow``, the
+  rebuild hold) take effect only in a deployment started with
+  ``fault_injection: true`` (see ``injection.py``, the rank side).
 
 In a vLLM deployment a rank is found by the process title vLLM gives it:
 ``VLLM::Worker_DP<r>...`` (the worker, where dispatch/combine run) or
@@ -18,6 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -47,17 +50,11 @@ def signal_process(kind: str, pid: int, rank: int | None = None) -> Injection:
 
 def set_slow(store, group: str, rank: int, delay_s: float) -> Injection:
     """Add ``delay_s`` to every guarded call of ``rank`` (0 clears it)."""
-    from vllm_elastic_ft.watchdog.rank_watchdog import slow_key
-
     if delay_s < 0:
         raise ValueError(f"delay_s must be >= 0, got {delay_s}")
-    store.set(slow_key(group, rank), str(float(delay_s)))
+    store.set(keys.inject_slow(group, rank), str(float(delay_s)))
     logger.warning("fault injected: slow rank %d by %.3fs per call", rank, delay_s)
     return Injection("slow", None, rank, time.time())
-
-
-def rebuild_delay_key(group: str) -> str:
-    return f"eft/{group}/inject/rebuild_delay"
 
 
 def set_rebuild_delay(store, group: str, delay_s: float) -> Injection:
@@ -65,25 +62,9 @@ def set_rebuild_delay(store, group: str, delay_s: float) -> Injection:
     fence, before the agreement): room for a second fault to land during a rebuild."""
     if delay_s < 0:
         raise ValueError(f"delay_s must be >= 0, got {delay_s}")
-    store.set(rebuild_delay_key(group), str(float(delay_s)))
+    store.set(keys.inject_rebuild_delay(group), str(float(delay_s)))
     logger.warning("fault injected: rebuilds of group %s held for %.3fs", group, delay_s)
     return Injection("rebuild_delay", None, None, time.time())
-
-
-def rebuild_delay_s(store, group: str) -> float:
-    key = rebuild_delay_key(group)
-    return float(store.get(key)) if store.check([key]) else 0.0
-
-
-def connect_store(address: str, timeout_s: float = 10.0):
-    """A client of the watchdog TCPStore at ``host:port``."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    host, _, port = address.rpartition(":")
-    return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
 
 
 def find_rank_processes(server_pid: int) -> dict[int, dict[str, int]]:

@@ -1,15 +1,13 @@
 """GroupController: one per DP group; applies events to the state machine, says so, calls hooks.
 
 Every transition becomes one structured event (group, epoch, rank, event,
-state, reason, t): logged, kept in ``events`` (the drill's timeline comes from
-them) and published in the store under ``eft/<group>/state`` for the front end
-and load balancers. The controller is cheap and holds no thread; whoever owns
+state, reason, t): logged and kept in ``events`` (the drill's timeline comes
+from them). The controller is cheap and holds no thread; whoever owns
 it feeds it events (fault reports, rebuild progress, ticks).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import asdict
@@ -24,19 +22,14 @@ from vllm_elastic_ft.logging_utils import get_logger
 logger = get_logger(__name__)
 
 
-def state_key(group: str) -> str:
-    return f"eft/{group}/state"
-
-
 class GroupController:
     """The state of one DP group, seen from one process (a rank or the front end)."""
 
     def __init__(self, group: str, world_size: int, options: ControllerOptions | None = None,
-                 hook: OrchestrationHook | None = None, store=None, rank: int = -1,
+                 hook: OrchestrationHook | None = None, rank: int = -1,
                  clock: Callable[[], float] = time.time):
         self.options = options or ControllerOptions()
         self.hook = hook or LoggingHook()
-        self.store = store
         self.rank = rank
         self.clock = clock
         self._lock = threading.Lock()
@@ -83,11 +76,6 @@ class GroupController:
         self.events.append(event)
         logger.warning("group %s rank %d epoch %d: %s -> %s (%s)", view.group, self.rank,
                        view.epoch, event_name, view.state.value, view.reason)
-        if self.store is not None:
-            try:
-                self.store.set(state_key(view.group), json.dumps(self.status()))
-            except Exception:
-                logger.exception("group %s: could not publish its state", view.group)
 
     def status(self) -> dict:
         """What ``GET /elastic_ft/status`` shows."""

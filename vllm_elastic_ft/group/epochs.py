@@ -11,7 +11,7 @@ the same members and the same expert placement for the same epoch:
    (the expected survivors that registered within the join window) and the
    placement (:func:`placement.solver.solve` over the previous placement).
 
-Membership and placement are published under ``eft/<g>/e<epoch>/members``; a
+Membership and placement are published per epoch (``keys.members``); a
 process that was not there (idle, or stalled) reads them with
 :func:`published`.
 """
@@ -22,13 +22,10 @@ import json
 import time
 from typing import Callable
 
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group import membership as ms
 from vllm_elastic_ft.group.fencing import current_epoch, fence
 from vllm_elastic_ft.placement.solver import contiguous, solve
-
-
-def num_experts_key(group: str) -> str:
-    return f"eft/{group}/num_experts"
 
 
 def initial(world: int, num_experts: int) -> ms.Membership:
@@ -39,7 +36,7 @@ def initial(world: int, num_experts: int) -> ms.Membership:
 
 def published(store, group: str, epoch: int) -> ms.Membership | None:
     """The membership agreed for ``epoch``, or None while it is not published."""
-    key = f"eft/{group}/e{epoch}/members"
+    key = keys.members(group, epoch)
     if not store.check([key]):
         return None
     data = json.loads(store.get(key))
@@ -64,13 +61,10 @@ def reported_suspects(reports: Callable[[], list], old: ms.Membership,
 
 
 def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
-            num_experts: int, window_s: float, timeout_s: float,
-            joiner: int | None = None) -> ms.Membership:
+            num_experts: int, window_s: float, timeout_s: float) -> ms.Membership:
     """Take the group from ``old`` to the next agreed membership; ``me`` registers in it.
 
-    ``joiner``: a rank that asked to join (the harness admits it in the fault
-    path; vLLM's replacement ranks use :func:`admit`). The solver gives it an
-    even share of the experts.
+    (A replacement rank comes in through :func:`admit`, a planned fence.)
 
     Raises:
         FencedError: ``me`` is not a member (it arrived after the members were published).
@@ -85,37 +79,14 @@ def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
         if base.epoch == e:
             break
     expected = [r for r in base.members if r not in suspects]
-    if joiner is not None and joiner not in expected:
-        expected.append(joiner)
     return ms.agree(store, group, epoch, me, expected, window_s,
                     lambda members: solve(num_experts, base.placement, members).placement,
                     timeout_s=timeout_s)
 
 
-def latest_epoch(store, group: str) -> int:
-    return current_epoch(store, group)
-
-
-def admit_key(group: str, ticket: str) -> str:
-    """Where the survivors publish the epoch at which admission ``ticket`` happens."""
-    return f"eft/{group}/admit/{ticket}/epoch"
-
-
-def joiner_experts_key(group: str, ticket: str) -> str:
-    return f"eft/{group}/admit/{ticket}/experts"
-
-
-def admission_key(group: str, epoch: int) -> str:
-    """Marks ``epoch`` as an admission's (a planned fence, not a fault); holds the ticket."""
-    return f"eft/{group}/e{epoch}/admission"
-
-
 def is_admission(store, group: str, epoch: int) -> bool:
-    return store.check([admission_key(group, epoch)])
-
-
-def step_key(group: str, epoch: int, rank: int) -> str:
-    return f"eft/{group}/e{epoch}/step/{rank}"
+    """Whether ``epoch`` is an admission's planned fence (marked before the fence), not a fault's."""
+    return store.check([keys.admission(group, epoch)])
 
 
 def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ticket: str,
@@ -129,7 +100,7 @@ def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ti
     members fence and publish the new epoch under ``ticket``; the joiner
     registers at that epoch; the leader (whoever arrives first) places the
     joiner's experts back on it. Members also publish their ``step`` number
-    (:func:`step_key`), which the joiner adopts.
+    (``keys.admission_step``), which the joiner adopts.
 
     Raises:
         FencedError: ``me`` did not make it into the new epoch.
@@ -140,18 +111,18 @@ def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ti
     if old is not None:
         # The mark goes first: a member that sees the new epoch before its own
         # admit call arrives must know the fence is this admission's, not a fault's.
-        store.set(admission_key(group, old.epoch + 1), ticket)
+        store.set(keys.admission(group, old.epoch + 1), ticket)
         epoch = fence(store, group, old.epoch)
-        store.set(step_key(group, epoch, me), str(step))
-        store.set(admit_key(group, ticket), str(epoch))
+        store.set(keys.admission_step(group, epoch, me), str(step))
+        store.set(keys.admit_epoch(group, ticket), str(epoch))
     else:
-        store.set(joiner_experts_key(group, ticket), json.dumps(list(joiner_experts or ())))
+        store.set(keys.admit_experts(group, ticket), json.dumps(list(joiner_experts or ())))
         deadline = time.monotonic() + timeout_s
-        while not store.check([admit_key(group, ticket)]):
+        while not store.check([keys.admit_epoch(group, ticket)]):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"group {group}: nobody admitted rank {me} (ticket {ticket})")
             time.sleep(0.005)
-        epoch = int(store.get(admit_key(group, ticket)))
+        epoch = int(store.get(keys.admit_epoch(group, ticket)))
     base = published(store, group, epoch - 1) if epoch > 1 else None
     if base is None:
         if old is None:
@@ -162,7 +133,7 @@ def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ti
     def place(members: list[int]) -> dict[int, tuple[int, ...]]:
         # The joiner wrote its experts before it registered; if it did not
         # register in time, the placement stays as it was.
-        brought = tuple(json.loads(store.get(joiner_experts_key(group, ticket)))) \
+        brought = tuple(json.loads(store.get(keys.admit_experts(group, ticket)))) \
             if joiner in members else ()
         return admit_placement(base.placement, members, joiner, brought)
 

@@ -6,11 +6,13 @@ and every one of them learns the same new value. A rank compares its own epoch
 with :func:`current_epoch` (its watcher does, every heartbeat); a rank that is
 behind is fenced out: it must not communicate, and it can only come back by
 joining at the new epoch. Communicators and keys are epoch-scoped
-(``eft/<group>/e<epoch>/...``), so a stale rank cannot reach the new group's
+(``comm/keys.py``), so a stale rank cannot reach the new group's
 communicator even by accident.
 """
 
 from __future__ import annotations
+
+from vllm_elastic_ft.comm import keys
 
 
 class FencedError(RuntimeError):
@@ -23,12 +25,8 @@ class FencedError(RuntimeError):
         self.group_epoch = group_epoch
 
 
-def epoch_key(group: str) -> str:
-    return f"eft/{group}/epoch"
-
-
 def current_epoch(store, group: str) -> int:
-    key = epoch_key(group)
+    key = keys.epoch(group)
     return int(store.get(key)) if store.check([key]) else 0
 
 
@@ -38,6 +36,6 @@ def fence(store, group: str, seen_epoch: int) -> int:
     Idempotent per epoch: of several callers that saw the same epoch, one
     moves it to ``seen_epoch + 1`` and all get that value back.
     """
-    expected = "" if seen_epoch == 0 and not store.check([epoch_key(group)]) else str(seen_epoch)
-    result = store.compare_set(epoch_key(group), expected, str(seen_epoch + 1))
+    expected = "" if seen_epoch == 0 and not store.check([keys.epoch(group)]) else str(seen_epoch)
+    result = store.compare_set(keys.epoch(group), expected, str(seen_epoch + 1))
     return int(result)

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group.fencing import FencedError
 
 
@@ -29,17 +30,9 @@ class Membership:
         return self.members.index(rank_id)
 
 
-def _key(group: str, epoch: int, what: str) -> str:
-    return f"eft/{group}/e{epoch}/{what}"
-
-
-def join_request_key(group: str) -> str:
-    return f"eft/{group}/join_request"
-
-
 def request_join(store, group: str, rank_id: int) -> None:
     """A replacement (or fenced-out) rank asks to join at the next epoch."""
-    store.set(join_request_key(group), str(rank_id))
+    store.set(keys.join_request(group), str(rank_id))
 
 
 _NO_REQUEST = "none"
@@ -55,7 +48,7 @@ def pending_join(store, group: str) -> int | None:
     the same sentinel as expected and desired value returns the current value
     of an existing key and never creates a missing one.
     """
-    value = store.compare_set(join_request_key(group), _NO_REQUEST, _NO_REQUEST).decode()
+    value = store.compare_set(keys.join_request(group), _NO_REQUEST, _NO_REQUEST).decode()
     return None if value == _NO_REQUEST else int(value)
 
 
@@ -74,17 +67,17 @@ def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s:
         FencedError: ``me`` is not a member of ``epoch``.
         TimeoutError: no leader published in time.
     """
-    store.set(_key(group, epoch, f"join/{me}"), "1")
-    arrival = store.add(_key(group, epoch, "arrivals"), 1)
-    published = _key(group, epoch, "members")
+    store.set(keys.registered(group, epoch, me), "1")
+    arrival = store.add(keys.arrivals(group, epoch), 1)
+    published = keys.members(group, epoch)
     if arrival == 1:
         deadline = time.monotonic() + window_s
         while time.monotonic() < deadline:
-            if all(store.check([_key(group, epoch, f"join/{r}")]) for r in expected):
+            if all(store.check([keys.registered(group, epoch, r)]) for r in expected):
                 break
             time.sleep(0.005)
         candidates = set(expected) | {me}
-        members = sorted(r for r in candidates if store.check([_key(group, epoch, f"join/{r}")]))
+        members = sorted(r for r in candidates if store.check([keys.registered(group, epoch, r)]))
         placement = place(members)
         store.set(published, json.dumps({"members": members, "leader": me,
                                          "placement": {str(r): list(e) for r, e in placement.items()}}))

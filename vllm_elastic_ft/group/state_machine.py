@@ -9,6 +9,10 @@
   ``slow`` report makes it SUSPECT, and ``slow_strikes`` of them fence it;
 * a fault during REBUILDING fences again (a new epoch) while rebuild attempts
   remain, else FAILED; a rebuild past ``rebuild_budget_s`` is FAILED;
+* every fenced epoch counts as one rebuild attempt, whoever fenced it (this
+  rank's report, or a peer: ``PeerFenced``); a step served at the new epoch
+  resets the count. This is the only place retries are decided: the recovery
+  core (``group/member.py``) asks the state machine before every attempt;
 * fewer live ranks than ``min_live_ranks`` is FAILED: nothing waits forever.
 
 Every call returns the next view and a reason string; the controller logs it
@@ -178,9 +182,15 @@ def step(now: float, view: GroupView, event: Event, options: ControllerOptions) 
         if event.epoch <= view.epoch:
             return view
         live = tuple(r for r in view.live_ranks if r not in event.suspects)
+        attempts = view.attempts + 1
+        if attempts > options.max_rebuilds:
+            return _moved(view, now, GroupState.FAILED,
+                          f"fenced to epoch {event.epoch}; rebuild attempts exhausted "
+                          f"({options.max_rebuilds})", epoch=event.epoch, live_ranks=live,
+                          suspects=event.suspects)
         return _moved(view, now, GroupState.FENCED, f"fenced to epoch {event.epoch} by a peer",
                       epoch=event.epoch, live_ranks=live, suspects=event.suspects,
-                      rebuild_started_at=None)
+                      attempts=attempts, rebuild_started_at=None)
     if isinstance(event, RebuildStarted) and view.state is GroupState.FENCED and event.epoch == view.epoch:
         return _moved(view, now, GroupState.REBUILDING, f"rebuilding over ranks {list(view.live_ranks)}",
                       rebuild_started_at=now)
@@ -188,9 +198,11 @@ def step(now: float, view: GroupView, event: Event, options: ControllerOptions) 
         return _moved(view, now, GroupState.READY,
                       f"rebuilt at epoch {event.epoch} over ranks {list(event.live_ranks)}",
                       live_ranks=event.live_ranks)
-    if isinstance(event, RebuildFailed) and event.epoch == view.epoch and view.state in (
-            GroupState.FENCED, GroupState.REBUILDING):
-        return _moved(view, now, GroupState.FAILED, f"rebuild failed: {event.reason}")
+    if isinstance(event, RebuildFailed) and event.epoch >= view.epoch:
+        # Any state: a rank that cannot rebuild at all (rebuild off, a transport
+        # without an in-place tier) gives up from wherever it is.
+        return _moved(view, now, GroupState.FAILED, f"rebuild failed: {event.reason}",
+                      epoch=event.epoch)
     if isinstance(event, Served) and view.state is GroupState.READY and event.epoch == view.epoch:
         return _moved(view, now, GroupState.HEALTHY, f"serving at epoch {event.epoch}",
                       attempts=0, suspects=())

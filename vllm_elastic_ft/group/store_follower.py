@@ -2,9 +2,8 @@
 
 The front end (API server) does not run collectives; it learns what happens
 to its group from what the ranks write into the watchdog store: FaultReports
-under ``eft/<g>/e<epoch>/fault/<rank>``, the epoch under ``eft/<g>/epoch``
-an agreed membership under ``eft/<g>/e<epoch>/members`` and, once the first
-step of that epoch ran, ``eft/<g>/e<epoch>/serving``. One thread polls
+of each epoch, the epoch itself, an agreed membership and, once the first
+step of that epoch ran, its serving mark (``comm/keys.py``). One thread polls
 them every ``poll_s`` and feeds its controller, whose view is what
 ``/elastic_ft/status``, ``/health`` and ``/metrics`` show.
 """
@@ -14,11 +13,13 @@ from __future__ import annotations
 import json
 import threading
 
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group.controller import GroupController
 from vllm_elastic_ft.group.fencing import current_epoch
-from vllm_elastic_ft.group.state_machine import PeerFenced, RebuildDone, RebuildStarted, Served, Tick
+from vllm_elastic_ft.group.state_machine import (
+    PeerFenced, RebuildDone, RebuildFailed, RebuildStarted, Served, Tick,
+)
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.watchdog.rank_watchdog import store_prefix
 
 logger = get_logger(__name__)
 
@@ -51,7 +52,7 @@ class StoreFollower:
         """One look at the store (also called directly by tests)."""
         view = self.controller.view
         group = view.group
-        for key in [f"{store_prefix(group, view.epoch)}/fault/{r}" for r in range(view.world_size)]:
+        for key in [keys.fault_report(group, view.epoch, r) for r in range(view.world_size)]:
             if key in self._seen or not self.store.check([key]):
                 continue
             self._seen.add(key)
@@ -59,12 +60,16 @@ class StoreFollower:
         epoch = current_epoch(self.store, group)
         if epoch > self.controller.view.epoch:
             self.controller.handle(PeerFenced(epoch))
-        members_key = f"{store_prefix(group, self.controller.view.epoch)}/members"
+        members_key = keys.members(group, self.controller.view.epoch)
         if self.controller.view.epoch > 0 and self.store.check([members_key]):
             members = tuple(json.loads(self.store.get(members_key))["members"])
             self.controller.handle(RebuildStarted(self.controller.view.epoch))
             self.controller.handle(RebuildDone(self.controller.view.epoch, members))
             # A member ran the first step of the epoch: the group serves again.
-            if self.store.check([f"{store_prefix(group, self.controller.view.epoch)}/serving"]):
+            if self.store.check([keys.serving(group, self.controller.view.epoch)]):
                 self.controller.handle(Served(self.controller.view.epoch))
+        failed_key = keys.failed(group, self.controller.view.epoch)
+        if self.store.check([failed_key]):  # a rank gave up (e.g. its transport cannot rebuild)
+            self.controller.handle(RebuildFailed(self.controller.view.epoch,
+                                                 self.store.get(failed_key).decode()))
         self.controller.handle(Tick())

@@ -35,6 +35,9 @@ import threading
 import time
 from pathlib import Path
 
+from vllm_elastic_ft.comm import keys as store_keys
+from vllm_elastic_ft.comm.store import connect_store
+
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 URL = "http://127.0.0.1:8000"
@@ -64,8 +67,8 @@ def serves(url: str = URL) -> bool:
 
 
 def completed(store, world: int = 2) -> int:
-    keys = [f"eft/serve/rank{r}/completed" for r in range(world)]
-    return sum(int(store.get(k)) for k in keys if store.check([k]))
+    counters = [store_keys.serve_completed(r) for r in range(world)]
+    return sum(int(store.get(k)) for k in counters if store.check([k]))
 
 
 def worker_pids() -> dict[int, list[int]]:
@@ -126,10 +129,10 @@ class _GangWatch:
             self.samples.append((time.time(), a, completed(self.store_b)))
 
     def _epochs(self) -> None:
-        keys = {"fenced": "eft/dp/epoch", "members": "eft/dp/e1/members",
-                "serving": "eft/dp/e1/serving"}
+        marks = {"fenced": store_keys.epoch("dp"), "members": store_keys.members("dp", 1),
+                 "serving": store_keys.serving("dp", 1)}
         while not self._stop.wait(0.05):
-            for name, key in keys.items():
+            for name, key in marks.items():
                 try:
                     if name not in self.first_seen and self.store_a.check([key]):
                         self.first_seen[name] = time.time()
@@ -196,7 +199,7 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
             workers_before = {p for pids in worker_pids().values() for p in pids}
         else:
             (gang_a, addr_a), (gang_b, addr_b) = sorted(gang_stores().items())
-            store_a, store_b = faults.connect_store(addr_a), faults.connect_store(addr_b)
+            store_a, store_b = connect_store(addr_a), connect_store(addr_b)
             watch = _GangWatch(store_a, store_b).start()
         results: list = []
         t0, t0_mono = note(f"load: {args.requests} requests, {args.concurrency} in flight, "
@@ -207,7 +210,7 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
         load.start()
         time.sleep(args.pre_fault_s)
         victim = worker_pids()[1][0] if stock else \
-            RankStatus.decode(store_a.get("eft/dp/e0/hb/1")).pid
+            RankStatus.decode(store_a.get(store_keys.heartbeat("dp", 0, 1))).pid
         fault_at = note(f"fault: kill worker of gang A ({gang_a}) rank 1 (pid {victim})",
                         faults.signal_process("kill", victim, 1).at)
         back_at = None
@@ -224,7 +227,7 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
             else:
                 _wait(lambda: len(set(gang_stores()) - {gang_a, gang_b}) == 1, 900,
                       "Ray to restart gang A", 0.5)
-                new_a = faults.connect_store(
+                new_a = connect_store(
                     gang_stores()[(set(gang_stores()) - {gang_a, gang_b}).pop()])
                 # The load may be over by now: probe until the new gang A serves some.
                 _wait(lambda: serves() and completed(new_a) > 0, 900,
@@ -241,7 +244,7 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
         after = [complete_once(URL, p, 16, 60) for p in PROMPTS]
         report = None
         for r in range(2 if store_a is not None else 0):
-            key = f"eft/dp/e0/fault/{r}"
+            key = store_keys.fault_report("dp", 0, r)
             try:
                 if store_a.check([key]):
                     report = json.loads(store_a.get(key))
@@ -249,8 +252,8 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
                 break
         members = None
         try:
-            if store_a is not None and store_a.check(["eft/dp/e1/members"]):
-                members = json.loads(store_a.get("eft/dp/e1/members"))["members"]
+            if store_a is not None and store_a.check([store_keys.members("dp", 1)]):
+                members = json.loads(store_a.get(store_keys.members("dp", 1)))["members"]
         except Exception:
             pass
     finally:

@@ -33,6 +33,7 @@ from ray import serve
 from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
 from vllm_elastic_ft.group.state_machine import GroupState
 from vllm_elastic_ft.logging_utils import get_logger
@@ -90,7 +91,7 @@ class ElasticDPServer(DPServer):
                     self._ft_world, address)
         await super().__init__(llm_config, engine_cls=engine_cls,
                                model_downloader=model_downloader)
-        from vllm_elastic_ft.faults import connect_store
+        from vllm_elastic_ft.comm.store import connect_store
         from vllm_elastic_ft.vllm.endpoints import FrontEndGroup
 
         self._ft_group = FrontEndGroup(connect_store(address), self._ft_world, None,
@@ -195,10 +196,10 @@ class ElasticDPServer(DPServer):
             yield item
 
     def _ft_count_completed(self) -> None:
-        """Requests this rank completed, in the gang's store (``eft/serve/rank<r>/completed``):
+        """Requests this rank completed, in the gang's store (``keys.serve_completed``):
         per-gang throughput for operators and benchmarks. Off the event loop, fire and forget."""
         store, thread = self._ft_counter
-        thread.submit(store.add, f"eft/serve/rank{self._ft_rank}/completed", 1)
+        thread.submit(store.add, keys.serve_completed(self._ft_rank), 1)
 
     async def _ft_wait_lost(self, settle_s: float = 2.0) -> bool:
         """Whether this rank was lost (the gang's agreement may lag the error briefly)."""

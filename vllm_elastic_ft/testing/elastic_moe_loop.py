@@ -1,51 +1,42 @@
-"""The MoE loop that survives a rank failure: fence, agree, rebuild, re-place experts, go on.
+"""The MoE loop that survives a rank failure, run on the product's own recovery core.
 
-Each rank process runs dispatch -> experts -> combine on an epoch-scoped gloo
-group under its rank watchdog. On a fault (the watchdog's RankFaultError), a
-fence seen in the store, or a join request, the survivors:
+Each rank process runs dispatch -> experts -> combine on the group's gloo
+transport under its rank watchdog, inside :meth:`GroupMember.run_step` — the
+very object a vLLM worker runs (``group/member.py``; ``vllm/worker_group.py``
+is its vLLM glue). On a fault the core fences, agrees, rebuilds the
+communicator, adopts the new placement (this harness's ``ExpertHolder`` loads
+the orphaned experts from its seeded "checkpoint") and the step is redone.
 
-1. fence the group (epoch + 1, one atomic compare-and-set in the store);
-2. agree on the members of the new epoch (``group/membership.py``);
-3. abort the old communicator and build a new one under ``eft/<g>/e<epoch>/pg``;
-4. hold the experts the placement solver gives them, loading only the orphaned
-   ones from the checkpoint;
-5. move the watchdog to the new epoch, and redo the step that failed.
-
-A rank that wakes up in an old epoch is refused (FencedError); with
-``rejoin_when_fenced`` it asks to join the next epoch instead. Every step's
-output is checked against a dense single-process computation of the same
-tokens, so "outputs after recovery are correct" is measured, not assumed.
-
-Ranks agree on stopping and on admitting a joiner through a control word
-all-gathered with each dispatch, so every rank acts at the same step and
-admits the same joiner (the word carries its id: each rank reading the
-request from the store on its own could see it before or after the leader
-of the admitting epoch deleted it).
+What stays here is only what a door does: deciding *when* to admit a joiner
+(vLLM's front end does it by RPC; here every rank learns it from a control
+word all-gathered with each dispatch, so all ranks admit the same joiner at
+the same step) and checking every step's output against a dense
+single-process computation of the same tokens, so "outputs after recovery are
+correct" is measured, not assumed. A rank that wakes up in an old epoch is
+refused (FencedError); with ``rejoin_when_fenced`` it asks to join instead.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import torch
 
-from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup
-from vllm_elastic_ft.faults import connect_store
-from vllm_elastic_ft.group import epochs
+from vllm_elastic_ft.comm import keys
+from vllm_elastic_ft.comm.store import connect_store
+from vllm_elastic_ft.comm.transport import GlooTransport
+from vllm_elastic_ft.faults.injection import FaultInjection
 from vllm_elastic_ft.group import membership as ms
-from vllm_elastic_ft.group.controller import GroupController
-from vllm_elastic_ft.group.fencing import FencedError, current_epoch, fence
-from vllm_elastic_ft.group.state_machine import (
-    ControllerOptions, GroupState, JoinRequested, PeerFenced, RebuildDone, RebuildFailed,
-    RebuildStarted, Served,
-)
-from vllm_elastic_ft.placement.solver import PlacementPlan, contiguous
+from vllm_elastic_ft.group.fencing import FencedError
+from vllm_elastic_ft.group.member import GroupFailedError, GroupMember, MemberOptions
+from vllm_elastic_ft.group.state_machine import ControllerOptions, GroupState
 from vllm_elastic_ft.testing.moe_loop import MoELayer, MoELoopSpec
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
-from vllm_elastic_ft.watchdog.report import LogAndCountSink, RankFaultError
+from vllm_elastic_ft.watchdog.report import LogAndCountSink
 
 STOP_KEY = "loop/stop"
 _JOIN_BIT, _STOP_BIT = 1, 2
@@ -87,12 +78,17 @@ class ElasticLoopSpec:
     max_steps: int = 100_000
 
 
-class _Rebuild(Exception):
-    """The control word says: admit a joiner now."""
+class LayerExperts:
+    """The harness layer's experts as the recovery core's ``ExpertHolder``."""
 
-    def __init__(self, joiner: int):
-        super().__init__(f"rank {joiner} asks to join")
-        self.joiner = joiner
+    def __init__(self, layer: MoELayer):
+        self.layer = layer
+
+    def held(self) -> tuple[int, ...]:
+        return tuple(self.layer.experts_held)
+
+    def adopt(self, old: tuple[int, ...], new: tuple[int, ...]) -> list[int]:
+        return self.layer.hold(new)
 
 
 class ElasticRank:
@@ -103,19 +99,28 @@ class ElasticRank:
         self.group = spec.moe.group
         self.store = connect_store(store_address)
         self.sink = LogAndCountSink()
-        self.pg = ElasticProcessGroup(self.store, timedelta(seconds=spec.pg_timeout_s))
-        self.controller = GroupController(self.group, world, spec.options, rank=rank_id)
         self.layer = MoELayer(spec.moe, rank_id, world)
         g = torch.Generator().manual_seed(rank_id)
         self.x = torch.randn(spec.moe.tokens + rank_id, spec.moe.hidden, generator=g)
         self.reference = self.layer.dense_reference(self.x)
-        self.members = ms.Membership(0, tuple(range(world)), contiguous(spec.moe.experts, list(range(world))), 0)
-        self.watchdog = RankWatchdog(settings, self.store, self.group, rank_id, world, sink=self.sink)
+        # The harness is a drill: fault injection is on here (as `fault_injection: true`).
+        injection = FaultInjection(self.store, self.group, rank_id)
+        self.watchdog = RankWatchdog(settings, self.store, self.group, rank_id, world,
+                                     sink=self.sink, injection=injection)
+        self.transport = GlooTransport(self.store, self.group,
+                                       timedelta(seconds=spec.pg_timeout_s))
+        options = MemberOptions(True, spec.join_window_s, 1.5, spec.options)
+        self.member = GroupMember(rank_id, world, self.store, self.watchdog, self.transport,
+                                  options, self.group, injection, joining=spec.joiner)
+        self.member.attach_experts(LayerExperts(self.layer), spec.moe.experts)
         self.timeline: list[tuple[float, str]] = []
         self.steps_ok = 0
         self.steps_ok_at_epoch: dict[int, int] = {}
         self.mismatches = 0
-        self.loaded: list[int] = []
+
+    @property
+    def controller(self):
+        return self.member.controller
 
     # ------------------------------------------------------------------ steps
     def _control(self) -> int:
@@ -125,23 +130,22 @@ class ElasticRank:
             word |= _JOIN_BIT | (joiner + 1) << _JOINER_SHIFT
         return word
 
-    def step(self) -> tuple[int, int | None]:
+    def step(self, retry: bool = False) -> tuple[int, int | None]:
         """One MoE step on the current group.
 
         Returns the OR of every rank's control flags and the joiner that some
         rank saw asking (the same on every rank: all read the same gathered words).
         """
-        sizes = [self.spec.moe.tokens + r for r in self.members.members]
+        sizes = [self.spec.moe.tokens + r for r in self.member.live]
         weights, ids = self.layer.route(self.x)
         control = torch.tensor([[self._control()]], dtype=torch.int64).expand(self.x.shape[0], 1)
-        pg = self.pg.pg
         all_x, all_w, all_ids, all_ctl = guarded_dispatch(
-            self.watchdog, [self.x, weights, ids, control.contiguous()], sizes, pg)
+            self.watchdog, self.transport, [self.x, weights, ids, control.contiguous()], sizes)
         partial = self.layer.experts(all_x, all_w, all_ids)
-        out = guarded_combine(self.watchdog, partial, sizes, pg)
+        out = guarded_combine(self.watchdog, self.transport, partial, sizes)
         if torch.allclose(out, self.reference, atol=1e-5, rtol=1e-4):
             self.steps_ok += 1
-            epoch = self.members.epoch
+            epoch = self.member.epoch
             self.steps_ok_at_epoch[epoch] = self.steps_ok_at_epoch.get(epoch, 0) + 1
         else:
             self.mismatches += 1
@@ -152,137 +156,78 @@ class ElasticRank:
         joiner = max(int(value) >> _JOINER_SHIFT for value in words) - 1
         return flags, (joiner if joiner >= 0 else None)
 
-    # ---------------------------------------------------------------- rebuild
-    def rebuild(self, cause: str, wait_for_report_s: float, joiner: int | None = None) -> None:
-        """Fence, agree and adopt the next epoch; ``joiner``: the rank the control word admits."""
-        self.timeline.append((time.time(), f"rebuild: {cause}"))
-        old = self.members
-        suspects = epochs.reported_suspects(
-            lambda: self.sink.reports, old,
-            lambda: current_epoch(self.store, self.group) > old.epoch, wait_for_report_s)
-        report = next((asdict(r) | {"kind": r.kind.value} for r in self.sink.reports
-                       if r.epoch == old.epoch), None)
-        if report is not None:
-            self.controller.fault(report | {"suspects": sorted(suspects)})
-        if joiner is None:  # a fault: admit a rank that is waiting to join in the same rebuild
-            joiner = ms.pending_join(self.store, self.group)
-        if joiner is not None and self.controller.view.state is GroupState.HEALTHY:
-            self.controller.handle(JoinRequested(joiner))
-        epoch = fence(self.store, self.group, old.epoch)
-        self.timeline.append((time.time(), f"fenced: epoch {old.epoch} -> {epoch}"))
-        self.controller.handle(PeerFenced(epoch, tuple(sorted(suspects))))  # if a peer was first
-        self.controller.handle(RebuildStarted(epoch))
-        try:  # the same fence (idempotent) and agreement as a vLLM worker's
-            new = epochs.advance(self.store, self.group, old, self.id, suspects,
-                                 self.spec.moe.experts, self.spec.join_window_s,
-                                 self.spec.options.rebuild_budget_s, joiner=joiner)
-        except TimeoutError as err:
-            self.controller.handle(RebuildFailed(epoch, str(err)))
-            raise
-        self._adopt(new, joiner)
-        self.controller.handle(RebuildDone(epoch, new.members))
-
-    def _adopt(self, new: ms.Membership, joiner: int | None) -> None:
-        if joiner is not None and new.leader == self.id and joiner in new.members:
-            self.store.delete_key(ms.join_request_key(self.group))
-        me = new.group_rank(self.id)
-        # Watchdog first: if a member dies before the communicator is up, its
-        # heartbeat at the new epoch is what names it.
-        self.watchdog.reconfigure(new.epoch, me, len(new.members))
-        self.members = new
-        plan = PlacementPlan(new.placement)
-        held = new.placement[self.id]
-        self.loaded += self.layer.hold(held, [e for e in held if plan.owner_of(e) == self.id])
-        try:
-            self.pg.configure(f"eft/{self.group}/e{new.epoch}/pg", me, len(new.members))
-        except RuntimeError as err:  # a member vanished between agreement and connect
-            raise RankFaultError(f"epoch {new.epoch} communicator: {err}", op="configure",
-                                 seq=-1, peer_closed=True) from err
-        self.timeline.append((time.time(), f"rebuilt: epoch {new.epoch}, members {list(new.members)}, "
-                                           f"holds {list(held)}"))
+    # ------------------------------------------------------------ admission
+    def admit(self, joiner: int) -> None:
+        """Every member, at the same step: admit ``joiner`` with the ticket it asked with."""
+        if self.id == min(self.member.live):
+            # Before the admission's rendezvous, which every member waits in: no
+            # member can read the request again at its next step.
+            self.store.delete_key(keys.join_request(self.group))
+        ticket = self.store.get(keys.join_ticket(self.group, joiner)).decode()
+        new = self.member.admit(joiner, ticket)
+        self.timeline.append((time.time(), f"admitted rank {joiner} at epoch {new.epoch}"))
 
     def join(self) -> None:
-        """A replacement: ask to join, wait for the fence that admits it, agree.
+        """A replacement (or stale) rank: ask to join, then be admitted by the core.
 
-        A leader that did not expect this rank (it published before the request
-        reached it) leaves it out: then it asks again, for the next epoch.
+        A leader that did not expect this rank in time leaves it out: then it
+        asks again, with a new ticket, until the rebuild budget is spent.
         """
         deadline = time.monotonic() + self.spec.options.rebuild_budget_s
         while True:
-            seen = current_epoch(self.store, self.group)
+            ticket = f"r{self.id}-{uuid.uuid4().hex[:8]}"
+            self.store.set(keys.join_ticket(self.group, self.id), ticket)
             ms.request_join(self.store, self.group, self.id)
             self.timeline.append((time.time(), "join requested"))
-            while current_epoch(self.store, self.group) <= seen:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("no epoch admitted this joiner")
-                time.sleep(0.01)
-            epoch = current_epoch(self.store, self.group)
             try:
-                new = ms.agree(self.store, self.group, epoch, self.id, [], 0.0, lambda m: {},
-                               timeout_s=self.spec.options.rebuild_budget_s)
+                new = self.member.admit(self.id, ticket)
                 break
             except FencedError:
                 if time.monotonic() > deadline:
                     raise TimeoutError("no epoch admitted this joiner") from None
-                self.timeline.append((time.time(), f"not admitted at epoch {epoch}, asking again"))
-        self.controller.handle(PeerFenced(epoch))
-        self.controller.handle(RebuildStarted(epoch))
-        self._adopt(new, None)
-        self.controller.handle(RebuildDone(epoch, new.members))
+                self.timeline.append((time.time(), "not admitted, asking again"))
+        self.timeline.append((time.time(), f"rebuilt: epoch {new.epoch}, members "
+                                           f"{list(new.members)}, holds {self.layer.experts_held}"))
 
     # ------------------------------------------------------------------- loop
     def run(self) -> str:
-        if self.spec.joiner:
-            self.join()
-        else:
-            self.pg.configure(f"eft/{self.group}/e0/pg", self.id, len(self.members.members))
-        for _ in range(self.spec.max_steps):
-            try:
-                word, joiner = self.step()
-                self.store.set(f"loop/step/{self.id}", f"{self.members.epoch}:{self.steps_ok}")
-                if self.controller.view.state is GroupState.READY:
-                    self.controller.handle(Served(self.members.epoch))
-                    self.timeline.append((time.time(), f"serving at epoch {self.members.epoch}"))
-                if word & _STOP_BIT:
-                    return "stopped"
-                if word & _JOIN_BIT and joiner is not None:
-                    raise _Rebuild(joiner)
-            except (RankFaultError, FencedError, _Rebuild) as err:
-                if self.controller.view.state is GroupState.FAILED:
-                    return "failed"
+        try:
+            if self.spec.joiner:
+                self.join()
+            for _ in range(self.spec.max_steps):
                 try:
-                    if isinstance(err, FencedError) and self._stale():
-                        raise err  # slept through a whole rebuild: not a member any more
-                    wait = 0.0 if isinstance(err, (_Rebuild, FencedError)) else 1.5
-                    self.rebuild(f"{type(err).__name__}: {err}"[:200], wait,
-                                 err.joiner if isinstance(err, _Rebuild) else None)
+                    word, joiner = self.member.run_step(self.step)
+                    ready = self.controller.view.state is GroupState.READY
+                    self.member.served()
+                    self.store.set(f"loop/step/{self.id}", f"{self.member.epoch}:{self.steps_ok}")
+                    if ready:
+                        self.timeline.append((time.time(), f"serving at epoch {self.member.epoch}"))
+                    if word & _STOP_BIT:
+                        return "stopped"
+                    if word & _JOIN_BIT and joiner is not None:
+                        self.admit(joiner)
                 except FencedError as refused:
                     if not self.spec.rejoin_when_fenced:
                         self.timeline.append((time.time(), f"refused: {refused}"))
                         return "fenced_out"
                     self.timeline.append((time.time(), f"stale, rejoining: {refused}"))
+                    self.member.leave_for_rejoin()
                     self.join()
-                except TimeoutError:
-                    return "failed"
-            if self.controller.view.state is GroupState.FAILED:
-                return "failed"
-        return "max_steps"
-
-    def _stale(self) -> bool:
-        """Whether this rank slept through a whole rebuild (its epoch's successor is settled)."""
-        epoch = current_epoch(self.store, self.group)
-        return epoch > self.members.epoch and self.store.check(
-            [f"eft/{self.group}/e{epoch}/members"])
+            return "max_steps"
+        except (GroupFailedError, TimeoutError) as err:
+            self.timeline.append((time.time(), f"failed: {err}"))
+            return "failed"
 
     def result(self, exit_reason: str) -> dict:
         return {
-            "rank": self.id, "exit": exit_reason, "epoch": self.members.epoch,
-            "members": list(self.members.members), "holds": list(self.layer.experts_held),
-            "loaded_from_checkpoint": self.loaded, "steps_ok": self.steps_ok,
+            "rank": self.id, "exit": exit_reason, "epoch": self.member.epoch,
+            "members": list(self.member.live), "holds": list(self.layer.experts_held),
+            "loaded_from_checkpoint": self.member.loaded_experts, "steps_ok": self.steps_ok,
             "steps_ok_at_epoch": self.steps_ok_at_epoch, "mismatches": self.mismatches,
             "timeline": self.timeline, "events": self.controller.events,
             "reports": [asdict(r) | {"kind": r.kind.value} for r in self.sink.reports],
             "state": self.controller.view.state.value,
+            "core": type(self.member).__qualname__,
         }
 
 
@@ -293,5 +238,5 @@ def run_elastic_loop(rank_id: int, world: int, store_address: str, spec: Elastic
         reason = rank.run()
     finally:
         rank.watchdog.shutdown()
-        rank.pg.shutdown()
+        rank.member.shutdown()
     return rank.result(reason)

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from vllm_elastic_ft.faults import connect_store
+from vllm_elastic_ft.comm.store import connect_store
+from vllm_elastic_ft.comm.transport import GlooTransport
+from vllm_elastic_ft.faults.injection import FaultInjection
 from vllm_elastic_ft.vllm.patches.cpu_experts import local_expert_pairs
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
@@ -101,9 +103,10 @@ def _expert_sum(x, weights, ids, expert_map, w13, w2) -> torch.Tensor:
 def moe_step(layer: MoELayer, watchdog: RankWatchdog, x: torch.Tensor, sizes: list[int],
              group) -> torch.Tensor:
     weights, ids = layer.route(x)
-    all_x, all_w, all_ids = guarded_dispatch(watchdog, [x, weights, ids], sizes, group)
+    transport = GlooTransport.over(group)
+    all_x, all_w, all_ids = guarded_dispatch(watchdog, transport, [x, weights, ids], sizes)
     partial = layer.experts(all_x, all_w, all_ids)
-    return guarded_combine(watchdog, partial, sizes, group)
+    return guarded_combine(watchdog, transport, partial, sizes)
 
 
 def run_moe_loop(rank: int, world: int, store_address: str, spec: MoELoopSpec,
@@ -115,7 +118,9 @@ def run_moe_loop(rank: int, world: int, store_address: str, spec: MoELoopSpec,
     """
     store = connect_store(store_address)
     sink = LogAndCountSink()
-    watchdog = RankWatchdog(settings, store, spec.group, rank, world, sink=sink)
+    # The harness is a drill: fault injection ('slow') is on here.
+    watchdog = RankWatchdog(settings, store, spec.group, rank, world, sink=sink,
+                            injection=FaultInjection(store, spec.group, rank))
     layer = MoELayer(spec, rank, world)
     sizes = [spec.tokens + r for r in range(world)]  # uneven on purpose
     x = torch.randn(sizes[rank], spec.hidden, generator=torch.Generator().manual_seed(rank))

@@ -247,7 +247,7 @@ class ElasticFTEndpoints:
         world = vllm_config.parallel_config.data_parallel_size
         if not (config.enabled and config.watchdog) or world < 2:
             return
-        from vllm_elastic_ft.faults import connect_store
+        from vllm_elastic_ft.comm.store import connect_store
         from vllm_elastic_ft.vllm.watchdog_store import store_address
 
         address = store_address()

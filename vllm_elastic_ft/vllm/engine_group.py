@@ -7,7 +7,7 @@ Every ``dp_sync_interval`` steps the DP engine cores all-reduce
 group in the plugin's store, with a bounded wait, and it follows the workers'
 group: engines never decide membership themselves (an engine whose worker is
 dead must not register), they adopt what the workers agreed
-(``eft/dp/e<epoch>/members``).
+(``epochs.published``).
 
 * A sync that fails (a peer engine died) answers "work remains": the engine then
   runs one more (dummy) step, in which its worker meets the fault and rebuilds
@@ -29,10 +29,10 @@ from datetime import timedelta
 
 import torch
 
-from vllm_elastic_ft.comm.cpu_collectives import _finish
-from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup, pg_timeout
+from vllm_elastic_ft.comm.elastic_group import pg_timeout
+from vllm_elastic_ft.comm.transport import GlooTransport
 from vllm_elastic_ft.group import epochs
-from vllm_elastic_ft.group.fencing import FencedError
+from vllm_elastic_ft.group.fencing import FencedError, current_epoch
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.worker_watchdog import GROUP_NAME
 
@@ -50,11 +50,11 @@ class EngineGroup:
         self.engine = None
         self.epoch = 0
         self.members: tuple[int, ...] = tuple(range(world))
-        self.pg = ElasticProcessGroup(store, pg_timeout(config.rebuild_budget_s))
+        self.transport = GlooTransport(store, ENGINE_GROUP, pg_timeout(config.rebuild_budget_s))
         if joining:  # no epoch until admitted (see admitted())
             self.epoch, self.members = -1, ()
         else:
-            self.pg.configure(f"eft/{ENGINE_GROUP}/e0/pg", rank_id, world)
+            self.transport.configure(0, rank_id, world)
 
     @property
     def joining(self) -> bool:
@@ -65,7 +65,7 @@ class EngineGroup:
         self.engine = engine
 
     def _workers_epoch(self) -> int:
-        return epochs.latest_epoch(self.store, GROUP_NAME)
+        return current_epoch(self.store, GROUP_NAME)
 
     def follow(self) -> None:
         """Adopt the workers' latest agreed membership, if it is newer than ours."""
@@ -83,7 +83,7 @@ class EngineGroup:
         if self.id not in membership.members:
             raise FencedError(ENGINE_GROUP, self.id, self.epoch, epoch)
         rank = membership.members.index(self.id)
-        self.pg.configure(f"eft/{ENGINE_GROUP}/e{epoch}/pg", rank, len(membership.members))
+        self.transport.configure(epoch, rank, len(membership.members))
         self.epoch, self.members = epoch, membership.members
         if self.engine is not None:
             # vLLM's busy loop lets only dp_rank 0 report "wave complete" to the
@@ -106,9 +106,8 @@ class EngineGroup:
         tensor = torch.tensor([int(has_unfinished), int(pending_pause)], dtype=torch.int32)
         epoch = self.epoch
         try:
-            _finish(self.pg.pg.allreduce([tensor]),
-                    timedelta(seconds=self.config.rebuild_budget_s),
-                    lambda: self._workers_epoch() > epoch)
+            self.transport.all_reduce(tensor, timedelta(seconds=self.config.rebuild_budget_s),
+                                      lambda: self._workers_epoch() > epoch)
         except RuntimeError as err:
             # A peer engine is gone (or the workers already moved on). Say "work
             # remains": the next (dummy) step makes this engine's worker meet the
@@ -139,8 +138,7 @@ def engine_group(rank_id: int, world: int) -> EngineGroup | None:
     if not in_engine_rebuild_on(world):
         _off = True
         return None
-    from vllm_elastic_ft.faults import connect_store
-
+    from vllm_elastic_ft.comm.store import connect_store
     from vllm_elastic_ft.vllm.replacement import replaced_rank
 
     _group = EngineGroup(rank_id, world, connect_store(store_address()), process_config(),

@@ -36,10 +36,13 @@ def process_watchdog(rank: int, world_size: int) -> RankWatchdog | None:
                            "dispatch/combine run without a watchdog")
         _disabled = True
         return None
-    from vllm_elastic_ft.faults import connect_store
+    from vllm_elastic_ft.comm.store import connect_store
+    from vllm_elastic_ft.faults.injection import injection_for
 
+    store = connect_store(address)
     _watchdog = RankWatchdog(
-        WatchdogSettings.from_config(config), connect_store(address), GROUP_NAME, rank, world_size,
+        WatchdogSettings.from_config(config), store, GROUP_NAME, rank, world_size,
+        injection=injection_for(config, store, GROUP_NAME, rank),
     )
     atexit.register(_watchdog.shutdown)
     return _watchdog

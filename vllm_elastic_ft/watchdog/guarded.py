@@ -1,35 +1,28 @@
-"""The CPU dispatch and combine, each run under the rank watchdog.
+"""A transport's collectives, each run under the rank watchdog.
 
-``guarded_dispatch`` / ``guarded_combine`` are what the vLLM patch and the
-multi-process harness call: a watchdog deadline around the collective, the
-collective itself bounded by the same deadline, and on failure a
-:class:`RankFaultError` on the calling thread while the watchdog attributes
-the fault. A call also gives up early, without waiting out its deadline, once
-the watchdog has named a dead or hung peer (or the group was fenced). Fault
-injection's "slow" delay is served here, right before the
-rank enters the exchange, exactly where a slow rank would lose its time.
+``guarded_all_reduce`` / ``guarded_dispatch`` / ``guarded_combine`` are what
+the vLLM patches, the recovery core and the multi-process harness call: a
+watchdog deadline around the collective, the collective itself bounded by the
+same deadline, and on failure a :class:`RankFaultError` on the calling thread
+while the watchdog attributes the fault. A call also gives up early, without
+waiting out its deadline, once the watchdog has named a dead or hung peer (or
+the group was fenced). Where a deployment switched fault injection on, its
+"slow" delay is served here, right before the rank enters the exchange,
+exactly where a slow rank would lose its time; otherwise the hook is None and
+costs one attribute read.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence, TypeVar
 
 import torch
-from torch.distributed import ProcessGroup
 
-from vllm_elastic_ft.comm import cpu_collectives
+from vllm_elastic_ft.comm.transport import Transport
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog
 from vllm_elastic_ft.watchdog.report import RankFaultError
 
 T = TypeVar("T")
-
-
-def _injected_delay(watchdog: RankWatchdog) -> None:
-    # Fault injection "slow": the rank reaches the exchange late, as a rank whose
-    # compute or host is slow does; its peers' deadlines run meanwhile.
-    if watchdog.injected_delay_s:
-        time.sleep(watchdog.injected_delay_s)
 
 
 def _fail(watchdog: RankWatchdog, op: str, seq: int, err: BaseException) -> RankFaultError:
@@ -46,8 +39,8 @@ def run_guarded(watchdog: RankWatchdog, op: str, call: Callable[[int], T],
     """Run ``call(seq)`` as guarded call ``op``: deadline armed, heartbeat seq, and a
     RankFaultError (the fault queued for attribution) if it raises a RuntimeError.
     ``inject_delay``: serve fault injection's "slow" delay here (dispatch, combine)."""
-    if inject_delay:
-        _injected_delay(watchdog)
+    if inject_delay and watchdog.injection is not None:
+        watchdog.injection.before_exchange()
     seq = watchdog.begin(op)
     try:
         return call(seq)
@@ -57,19 +50,22 @@ def run_guarded(watchdog: RankWatchdog, op: str, call: Callable[[int], T],
         watchdog.end(seq)
 
 
-def guarded_dispatch(
-    watchdog: RankWatchdog, tensors: Sequence[torch.Tensor], sizes: Sequence[int],
-    group: ProcessGroup,
-) -> list[torch.Tensor]:
-    """``cpu_collectives.all_gatherv`` under a deadline."""
-    return run_guarded(watchdog, "dispatch", lambda seq: cpu_collectives.all_gatherv(
-        tensors, sizes, group, watchdog.wait_timeout(seq), watchdog.peer_failed))
+def guarded_all_reduce(watchdog: RankWatchdog, transport: Transport, tensor: torch.Tensor,
+                       op: str = "dp_sync") -> None:
+    """``transport.all_reduce`` (in place) under a deadline (no injected delay)."""
+    run_guarded(watchdog, op, lambda seq: transport.all_reduce(
+        tensor, watchdog.wait_timeout(seq), watchdog.peer_failed), inject_delay=False)
 
 
-def guarded_combine(
-    watchdog: RankWatchdog, tensor: torch.Tensor, sizes: Sequence[int], group: ProcessGroup,
-    mode: str = "all_to_all",
-) -> torch.Tensor:
-    """``cpu_collectives.reduce_scatterv`` under a deadline."""
-    return run_guarded(watchdog, "combine", lambda seq: cpu_collectives.reduce_scatterv(
-        tensor, sizes, group, mode, watchdog.wait_timeout(seq), watchdog.peer_failed))
+def guarded_dispatch(watchdog: RankWatchdog, transport: Transport,
+                     tensors: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    """``transport.dispatch`` under a deadline."""
+    return run_guarded(watchdog, "dispatch", lambda seq: transport.dispatch(
+        tensors, sizes, watchdog.wait_timeout(seq), watchdog.peer_failed))
+
+
+def guarded_combine(watchdog: RankWatchdog, transport: Transport, tensor: torch.Tensor,
+                    sizes: Sequence[int]) -> torch.Tensor:
+    """``transport.combine`` under a deadline."""
+    return run_guarded(watchdog, "combine", lambda seq: transport.combine(
+        tensor, sizes, watchdog.wait_timeout(seq), watchdog.peer_failed))

@@ -5,7 +5,7 @@ around each guarded call: a sequence number and two atomic stores in the
 native monitor (see ``deadline_monitor``). Everything slow happens on one
 watcher thread, every ``heartbeat_interval_s``:
 
-1. publish this rank's :class:`RankStatus` under ``eft/<group>/e<epoch>/hb/<rank>``;
+1. publish this rank's :class:`RankStatus` (``keys.heartbeat``);
 2. read every peer's status and probe the peer processes on this host;
 3. turn queued triggers (a missed deadline, a failed collective) and the
    liveness check into verdicts (``attribution.attribute``) and publish one
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group.fencing import FencedError, current_epoch
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.watchdog import attribution
@@ -58,15 +59,6 @@ class WatchdogSettings:
                    prefer_native=getattr(config, "watchdog_native", True))
 
 
-def store_prefix(group: str, epoch: int) -> str:
-    return f"eft/{group}/e{epoch}"
-
-
-def slow_key(group: str, rank: int) -> str:
-    """Where fault injection puts an added per-call delay for ``rank`` (seconds)."""
-    return f"eft/{group}/inject/slow/{rank}"
-
-
 @dataclass
 class _Trigger:
     kind: str  # "deadline" or "collective_error"
@@ -88,10 +80,13 @@ class RankWatchdog:
         world_size: ranks in the group.
         epoch: the group epoch (part of every store key).
         sink: where reports go (default: log line + counters).
+        injection: the fault-injection hook (``faults.injection``), only where a
+            deployment switched ``fault_injection`` on; None reads no injection key.
     """
 
     def __init__(self, settings: WatchdogSettings, store, group: str, rank: int,
-                 world_size: int, epoch: int = 0, sink: FaultSink | None = None):
+                 world_size: int, epoch: int = 0, sink: FaultSink | None = None,
+                 injection=None):
         self.settings = settings
         self.store = store
         self.group = group
@@ -102,7 +97,7 @@ class RankWatchdog:
         self.entered = 0
         self.finished = 0
         self.current_op: str | None = None
-        self.injected_delay_s = 0.0
+        self.injection = injection
         self._peer_fault_epoch = -1  # epoch in which a dead/hung peer was reported
         #: The group epoch last read from the store; ahead of ``epoch`` means
         #: this rank is fenced out and must not communicate.
@@ -246,7 +241,7 @@ class RankWatchdog:
         self.group_epoch = max(self.group_epoch, current_epoch(self.store, self.group))
         if self.group_epoch > self.epoch:
             return  # fenced out: the old epoch's peers are no business of this rank
-        self.store.set(f"{store_prefix(self.group, self.epoch)}/hb/{self.rank}",
+        self.store.set(keys.heartbeat(self.group, self.epoch, self.rank),
                        self._status().encode())
         statuses, probes = self._look()
         now = time.time()
@@ -254,7 +249,8 @@ class RankWatchdog:
             seen = self._progress.get(rank)
             if seen is None or seen[0] != status.finished:
                 self._progress[rank] = (status.finished, now)
-        self._read_injection()
+        if self.injection is not None:
+            self.injection.refresh()
         progress_t = {r: t for r, (_, t) in self._progress.items()}
         verdict = attribution.attribute(now, self.rank, statuses, probes, progress_t, **self._limits)
         if verdict is None and self.epoch > 0:
@@ -285,7 +281,7 @@ class RankWatchdog:
 
     def _look(self) -> tuple[dict[int, RankStatus], dict[int, str]]:
         """Every rank's latest status, and a probe of each peer's process on this host."""
-        statuses = self._read_statuses(store_prefix(self.group, self.epoch))
+        statuses = self._read_statuses()
         probes = {r: attribution.local_probe(s, self._host)
                   for r, s in statuses.items() if r != self.rank}
         return statuses, probes
@@ -327,18 +323,11 @@ class RankWatchdog:
         return RankStatus(self.rank, self._pid, self._host, time.time(), self.entered,
                           self.finished, state)
 
-    def _read_statuses(self, prefix: str) -> dict[int, RankStatus]:
-        keys = [f"{prefix}/hb/{r}" for r in range(self.world_size)]
-        present = [k for k in keys if self.store.check([k])]
+    def _read_statuses(self) -> dict[int, RankStatus]:
+        wanted = [keys.heartbeat(self.group, self.epoch, r) for r in range(self.world_size)]
+        present = [k for k in wanted if self.store.check([k])]
         values = self.store.multi_get(present) if present else []
         return {s.rank: s for s in (RankStatus.decode(v) for v in values)}
-
-    def _read_injection(self) -> None:
-        key = slow_key(self.group, self.rank)
-        delay = float(self.store.get(key)) if self.store.check([key]) else 0.0
-        if delay != self.injected_delay_s:
-            logger.warning("rank %d: injected delay per guarded call now %.3fs", self.rank, delay)
-            self.injected_delay_s = delay
 
     def _report(self, verdict: Verdict, trigger: str, op: str | None, seq: int | None) -> None:
         # One report per fault: per suspect set and kind, and per missed call.
@@ -356,7 +345,7 @@ class RankWatchdog:
         )
         self.sink.publish(report)
         try:
-            self.store.set(f"{store_prefix(self.group, self.epoch)}/fault/{self.rank}", report.to_json())
+            self.store.set(keys.fault_report(self.group, self.epoch, self.rank), report.to_json())
         except Exception:
             logger.exception("rank %d: could not store the fault report", self.rank)
 
@@ -377,7 +366,7 @@ class RankWatchdog:
         self._monitor.stop()
         if clean:
             try:
-                self.store.set(f"{store_prefix(self.group, self.epoch)}/hb/{self.rank}",
+                self.store.set(keys.heartbeat(self.group, self.epoch, self.rank),
                                self._status("left").encode())
             except Exception:
                 pass

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from vllm_elastic_ft.comm import cpu_collectives
+from vllm_elastic_ft.comm.transport import GlooTransport
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 from vllm_elastic_ft.vllm.worker_group import worker_group
@@ -76,7 +77,8 @@ def _make_all_gatherv(original: Callable[..., Any]) -> Callable[..., Any]:
         elif watchdog is None:
             gathered = cpu_collectives.all_gatherv(tensors, sizes, self.device_group)
         else:
-            gathered = guarded_dispatch(watchdog, tensors, sizes, self.device_group)
+            gathered = guarded_dispatch(watchdog, GlooTransport.over(self.device_group), tensors,
+                                        sizes)
         return gathered[0] if isinstance(input_, torch.Tensor) else gathered
 
     return all_gatherv
@@ -92,13 +94,14 @@ def _make_reduce_scatterv(original: Callable[..., Any]) -> Callable[..., Any]:
             sizes = [input_.shape[0] // self.world_size] * self.world_size
         group = worker_group(self.rank_in_group, self.world_size)
         if group is not None:
-            return group.reduce_scatterv(input_, sizes, config.cpu_dispatch)
+            return group.reduce_scatterv(input_, sizes)
         watchdog = process_watchdog(self.rank_in_group, self.world_size)
         if watchdog is None:
             return cpu_collectives.reduce_scatterv(
                 input_, sizes, self.device_group, config.cpu_dispatch
             )
-        return guarded_combine(watchdog, input_, sizes, self.device_group, config.cpu_dispatch)
+        return guarded_combine(watchdog, GlooTransport.over(self.device_group, config.cpu_dispatch),
+                              input_, sizes)
 
     return reduce_scatterv
 

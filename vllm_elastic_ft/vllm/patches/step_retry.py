@@ -13,6 +13,8 @@ with the same inputs (the same KV slots are written with the same values), so:
   all-reduce keeps the interrupted step's number).
 
 ``execute_model`` itself is never re-run (``_update_states`` is not idempotent).
+How often a step is retried is the recovery core's state machine's call
+(``group/member.py``), not this patch's.
 Both methods are vLLM 0.32.0's (``CPUModelRunner`` inherits them). The first
 call also hands the worker's group the model and checkpoint it loads
 orphaned experts from.
@@ -22,10 +24,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.group.fencing import FencedError
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
-from vllm_elastic_ft.vllm.worker_group import WorkerGroup, current_group
-from vllm_elastic_ft.watchdog.report import RankFaultError
+from vllm_elastic_ft.vllm.worker_group import current_group
 
 _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 
@@ -51,18 +51,16 @@ DUMMY_RUN = PatchSpec(
 
 SPECS = (MODEL_FORWARD, DUMMY_RUN)
 
-RECOVERABLE = (RankFaultError, FencedError)
 
+def _fix_forward_context(counts) -> None:
+    """After a rebuild the redone batch all-reduce gives new token counts (lost ranks 0)."""
+    from vllm.forward_context import get_forward_context
 
-def _recover(group: WorkerGroup, err: BaseException) -> None:
-    """Rebuild; a fault during the rebuild (a member vanished) is one more attempt."""
-    for _ in range(group.config.max_rebuilds):
-        try:
-            group.recover(f"{type(err).__name__}: {err}")
-            return
-        except RankFaultError as again:
-            err = again
-    group.recover(f"{type(err).__name__}: {err}")
+    context = get_forward_context()
+    if context.dp_metadata is not None:
+        context.dp_metadata.num_tokens_across_dp_cpu.copy_(counts[1])
+    if hasattr(context, "moe_layer_index"):
+        context.moe_layer_index = 0
 
 
 def _make_model_forward(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -71,30 +69,9 @@ def _make_model_forward(original: Callable[..., Any]) -> Callable[..., Any]:
         if group is None:
             return original(self, *args, **kwargs)
         group.attach_runner(self)
-        try:
-            return _forward_with_retry(original, group, self, *args, **kwargs)
-        finally:
-            group.step_done()
+        return group.run_forward(lambda: original(self, *args, **kwargs), _fix_forward_context)
 
     return _model_forward
-
-
-def _forward_with_retry(original, group: WorkerGroup, runner, *args: Any, **kwargs: Any):
-    """Run the forward; after a rank failure, rebuild, redo the batch all-reduce, run it again."""
-    for _ in range(group.config.max_rebuilds):
-        try:
-            return original(runner, *args, **kwargs)
-        except RECOVERABLE as err:
-            _recover(group, err)
-            counts = group.all_reduce_batch((), retry=True)
-            from vllm.forward_context import get_forward_context
-
-            context = get_forward_context()
-            if context.dp_metadata is not None:
-                context.dp_metadata.num_tokens_across_dp_cpu.copy_(counts[1])
-            if hasattr(context, "moe_layer_index"):
-                context.moe_layer_index = 0
-    return original(runner, *args, **kwargs)
 
 
 def _make_dummy_run(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,16 +80,7 @@ def _make_dummy_run(original: Callable[..., Any]) -> Callable[..., Any]:
         if group is None:
             return original(self, *args, **kwargs)
         group.attach_runner(self)
-        try:
-            for _ in range(group.config.max_rebuilds):
-                try:
-                    return original(self, *args, **kwargs)
-                except RECOVERABLE as err:
-                    _recover(group, err)
-                    group.redo_step_from_top()
-            return original(self, *args, **kwargs)
-        finally:
-            group.step_done()
+        return group.run_dummy_step(lambda: original(self, *args, **kwargs))
 
     return _dummy_run
 

@@ -1,0 +1,116 @@
+"""Every key the plugin reads or writes in a group's store, in one place.
+
+The store (a ``torch.distributed.TCPStore`` the front end hosts) is the
+group's shared memory: heartbeats, fault reports, the epoch (the fencing
+token), each epoch's agreed membership and communicator rendezvous,
+admissions of replacement ranks, and the fault-injection knobs. Keys are
+spelled only here (a test checks that ``"eft/"`` appears in no other module),
+so a reader finds the whole layout in one screen and a rename cannot leave a
+stale spelling behind.
+
+Layout (``<g>``: the group's name, e.g. ``dp`` for the workers, ``engine`` for
+the engine cores' DP sync)::
+
+    eft/<g>/epoch                      the group epoch (fencing token)
+    eft/<g>/e<E>/hb/<rank>             heartbeat of group rank <rank> at epoch E
+    eft/<g>/e<E>/fault/<rank>          FaultReport published by <rank> at epoch E
+    eft/<g>/e<E>/join/<id>             stable id <id> registered for epoch E
+    eft/<g>/e<E>/arrivals              registration counter (first = leader)
+    eft/<g>/e<E>/members               agreed members + expert placement of E
+    eft/<g>/e<E>/serving               the first step of E went through
+    eft/<g>/e<E>/pg/...                E's communicator rendezvous (a PrefixStore)
+    eft/<g>/e<E>/admission             E is an admission's planned fence (ticket)
+    eft/<g>/e<E>/step/<id>             member <id>'s step number at admission E
+    eft/<g>/admit/<ticket>/epoch       the epoch admission <ticket> happens at
+    eft/<g>/admit/<ticket>/experts     experts the joiner of <ticket> brings
+    eft/<g>/e<E>/failed                the group gave up at E (the reason)
+    eft/<g>/join_request               a harness rank asking to join
+    eft/<g>/join_ticket/<id>           that joiner's admission ticket
+    eft/<g>/inject/slow/<rank>         fault injection: delay per guarded call
+    eft/<g>/inject/rebuild_delay       fault injection: hold inside a rebuild
+    eft/serve/rank<r>/completed        Ray Serve: requests rank r completed
+"""
+
+from __future__ import annotations
+
+ROOT = "eft"
+
+
+def epoch(group: str) -> str:
+    return f"{ROOT}/{group}/epoch"
+
+
+def epoch_prefix(group: str, epoch_: int) -> str:
+    """Everything scoped to one epoch lives under this prefix."""
+    return f"{ROOT}/{group}/e{epoch_}"
+
+
+def heartbeat(group: str, epoch_: int, rank: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/hb/{rank}"
+
+
+def fault_report(group: str, epoch_: int, rank: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/fault/{rank}"
+
+
+def registered(group: str, epoch_: int, rank_id: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/join/{rank_id}"
+
+
+def arrivals(group: str, epoch_: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/arrivals"
+
+
+def members(group: str, epoch_: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/members"
+
+
+def serving(group: str, epoch_: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/serving"
+
+
+def communicator(group: str, epoch_: int) -> str:
+    """Store prefix of epoch ``epoch_``'s communicator rendezvous."""
+    return f"{epoch_prefix(group, epoch_)}/pg"
+
+
+def admission(group: str, epoch_: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/admission"
+
+
+def admission_step(group: str, epoch_: int, rank_id: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/step/{rank_id}"
+
+
+def admit_epoch(group: str, ticket: str) -> str:
+    return f"{ROOT}/{group}/admit/{ticket}/epoch"
+
+
+def admit_experts(group: str, ticket: str) -> str:
+    return f"{ROOT}/{group}/admit/{ticket}/experts"
+
+
+def join_request(group: str) -> str:
+    return f"{ROOT}/{group}/join_request"
+
+
+def inject_slow(group: str, rank: int) -> str:
+    return f"{ROOT}/{group}/inject/slow/{rank}"
+
+
+def inject_rebuild_delay(group: str) -> str:
+    return f"{ROOT}/{group}/inject/rebuild_delay"
+
+
+def serve_completed(rank: int) -> str:
+    return f"{ROOT}/serve/rank{rank}/completed"
+
+
+def failed(group: str, epoch_: int) -> str:
+    """The group gave up at epoch ``epoch_`` (holds the reason): the orchestrator restarts it."""
+    return f"{epoch_prefix(group, epoch_)}/failed"
+
+
+def join_ticket(group: str, rank_id: int) -> str:
+    """The admission ticket a harness joiner ``rank_id`` asks with."""
+    return f"{ROOT}/{group}/join_ticket/{rank_id}"
