@@ -24,6 +24,8 @@ import time
 import pytest
 
 from vllm_elastic_ft import faults
+from vllm_elastic_ft.comm import keys
+from vllm_elastic_ft.comm.store import connect_store
 from vllm_elastic_ft.loadgen import run_load
 from vllm_elastic_ft.reports_in_logs import fault_reports
 from vllm_elastic_ft.testing.server import ServerSpec, VLLMServer
@@ -39,7 +41,9 @@ BUDGET_S = 20.0
 def dp4_server(tiny_moe_path, tmp_path_factory):
     spec = ServerSpec(tiny_moe_path, data_parallel_size=4, expert_parallel=True,
                       extra_args=["--elastic-ft-deadline-s", "2",
-                                  "--elastic-ft-rebuild-budget-s", str(BUDGET_S)])
+                                  "--elastic-ft-rebuild-budget-s", str(BUDGET_S),
+                                  # the held-rebuild case below injects a delay
+                                  "--elastic-ft-fault-injection"])
     with VLLMServer(spec, tmp_path_factory.mktemp("dp4") / "server.log") as server:
         server.wait_ready()
         yield server
@@ -154,7 +158,7 @@ def test_replacement_rank0_rejoins_under_load(dp4_server, reference_tokens):
 def test_second_fault_during_rebuild_ends_in_ready_or_failed(dp4_server, reference_tokens):
     status = dp4_server.get_json("/elastic_ft/status")
     epoch, survivors = status["epoch"], [r for r in status["live_ranks"] if r not in (2, 3)]
-    store = faults.connect_store(status["watchdog"]["store"])
+    store = connect_store(status["watchdog"]["store"])
     faults.set_rebuild_delay(store, "dp", 1.5)
     first = faults.rank_pid(dp4_server.proc.pid, 3, "worker")
     second = faults.rank_pid(dp4_server.proc.pid, 2, "worker")

@@ -25,6 +25,8 @@ from ray import serve  # noqa: E402
 from ray.serve.llm import LLMConfig  # noqa: E402
 
 from vllm_elastic_ft import faults  # noqa: E402
+from vllm_elastic_ft.comm import keys  # noqa: E402
+from vllm_elastic_ft.comm.store import connect_store  # noqa: E402
 from vllm_elastic_ft.loadgen import run_load  # noqa: E402
 from vllm_elastic_ft.ray_serve import build_elastic_dp_openai_app  # noqa: E402
 from vllm_elastic_ft.ray_serve.drill import (  # noqa: E402
@@ -35,8 +37,8 @@ from vllm_elastic_ft.watchdog.attribution import RankStatus  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 def _worker_pid(address: str, rank: int, epoch: int = 0) -> int:
-    store = faults.connect_store(address)
-    return RankStatus.decode(store.get(f"eft/dp/e{epoch}/hb/{rank}")).pid
+    store = connect_store(address)
+    return RankStatus.decode(store.get(keys.heartbeat("dp", epoch, rank))).pid
 
 
 def _wait(predicate, timeout_s: float, what: str):
@@ -68,7 +70,7 @@ def two_gangs(tiny_moe_path):
         serve.run(build_elastic_dp_openai_app(config), blocking=False)
         _wait(lambda: len(gang_stores()) == 2, 600, "two gangs to register their stores")
         # Gangs come up one after the other: probe until each has served a request.
-        stores = [faults.connect_store(a) for a in gang_stores().values()]
+        stores = [connect_store(a) for a in gang_stores().values()]
         _wait(lambda: serves() and all(completed(s) > 0 for s in stores), 900,
               "both gangs to serve")
         yield config
@@ -93,9 +95,9 @@ def test_a_killed_rank_heals_in_place_and_clients_see_no_error(two_gangs):
     load = _load(results, 40)
     time.sleep(3)
     faults.signal_process("kill", victim, 1)
-    store = faults.connect_store(store_a)
-    _wait(lambda: store.check(["eft/dp/e1/serving"]), 60, "gang A to serve again at epoch 1")
-    members = json.loads(store.get("eft/dp/e1/members"))
+    store = connect_store(store_a)
+    _wait(lambda: store.check([keys.serving("dp", 1)]), 60, "gang A to serve again at epoch 1")
+    members = json.loads(store.get(keys.members("dp", 1)))
     assert members["members"] == [0]
     assert sorted(members["placement"]["0"]) == list(range(8))
     load.join(timeout=300)

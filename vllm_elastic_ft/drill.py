@@ -227,6 +227,8 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
              "--elastic-ft-rebuild-budget-s", str(args.rebuild_budget_s)]
     if not in_engine:
         extra += ["--no-elastic-ft-in-engine-rebuild"]
+    if args.fault == "slow" or args.second_fault_rank is not None:
+        extra += ["--elastic-ft-fault-injection"]  # store knobs: off unless a drill asks
     spec = ServerSpec(model, data_parallel_size=args.dp, expert_parallel=True, extra_args=extra)
     deployment = Deployment(spec, out)
     timeline = Timeline()
