@@ -128,3 +128,49 @@ def test_a_served_step_resets_the_attempts():
     view = step(2.0, view, Served(1), options)
     assert view.state is GroupState.HEALTHY and view.attempts == 0
     assert step(3.0, view, PeerFenced(2), options).state is GroupState.FENCED
+
+
+class _Experts:
+    def held(self):
+        return (0, 1)
+
+    def adopt(self, old, new):
+        raise AssertionError("a gang-restart tier must not adopt a new placement")
+
+
+@pytest.mark.parametrize("backend", ["deepep_high_throughput", "deepep_low_latency"])
+def test_a_vllm_worker_on_deepep_fences_and_fails_naming_its_backend(store, monkeypatch, backend):
+    from vllm_elastic_ft.comm.transport import RecoveryTier
+    from vllm_elastic_ft.group.fencing import current_epoch
+    from vllm_elastic_ft.group.member import GroupFailedError
+    from vllm_elastic_ft.vllm import worker_group
+
+    watchdog = RankWatchdog(WatchdogSettings(heartbeat_interval_s=0.05), store, "dp", 0, 1)
+    monkeypatch.setattr(worker_group, "process_watchdog", lambda rank, world: watchdog)
+    worker = worker_group.WorkerGroup(0, 1, store, ElasticFTConfig(), all2all_backend=backend)
+    try:
+        assert worker.member.transport.recovery_tier is RecoveryTier.GANG_RESTART
+        worker.member.attach_experts(_Experts(), 2)
+        started = time.monotonic()
+        with pytest.raises(GroupFailedError, match=backend):
+            worker.member.recover("dispatch missed its deadline")
+        assert time.monotonic() - started < 5.0
+        assert current_epoch(store, "dp") == 1, "the group is fenced: no request is admitted"
+        assert worker.member.controller.view.state is GroupState.FAILED
+    finally:
+        watchdog.shutdown()
+        worker.member.shutdown()
+
+
+def test_a_vllm_worker_on_cpu_rebuilds_in_place(store, monkeypatch):
+    from vllm_elastic_ft.comm.transport import RecoveryTier
+    from vllm_elastic_ft.vllm import worker_group
+
+    watchdog = RankWatchdog(WatchdogSettings(heartbeat_interval_s=0.05), store, "dp", 0, 1)
+    monkeypatch.setattr(worker_group, "process_watchdog", lambda rank, world: watchdog)
+    worker = worker_group.WorkerGroup(0, 1, store, ElasticFTConfig())
+    try:
+        assert worker.member.transport.recovery_tier is RecoveryTier.REBUILD_IN_PLACE
+    finally:
+        watchdog.shutdown()
+        worker.member.shutdown()

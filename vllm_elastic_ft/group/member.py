@@ -205,8 +205,8 @@ class GroupMember:
         """Give up on the group: FAILED, published for the front end, and raised."""
         epoch = max(self.members.epoch, self.controller.view.epoch)
         self.controller.handle(RebuildFailed(self.controller.view.epoch, reason))
-        try:
-            self.store.set(keys.failed(self.group, epoch), reason)
+        try:  # the first reason stays (a later follow() of a FAILED group fails again)
+            self.store.compare_set(keys.failed(self.group, epoch), "", reason)
         except Exception:  # the store is gone: the raise below still ends the rank
             logger.exception("rank %d: could not publish FAILED", self.id)
         logger.error("rank %d epoch %d: group cannot be rebuilt: %s", self.id, epoch, reason)

@@ -30,7 +30,8 @@ import torch
 
 from vllm_elastic_ft.comm.elastic_group import pg_timeout
 from vllm_elastic_ft.comm.store import connect_store
-from vllm_elastic_ft.comm.transport import GlooTransport
+from vllm_elastic_ft.comm.deepep_transport import recovery_tier_for_backend
+from vllm_elastic_ft.comm.transport import GlooTransport, RecoveryTier
 from vllm_elastic_ft.faults.injection import injection_for
 from vllm_elastic_ft.group.member import GroupFailedError, GroupMember, MemberOptions
 from vllm_elastic_ft.logging_utils import get_logger
@@ -40,6 +41,9 @@ from vllm_elastic_ft.vllm.worker_watchdog import GROUP_NAME, process_watchdog
 from vllm_elastic_ft.watchdog.guarded import guarded_all_reduce, guarded_combine, guarded_dispatch
 
 logger = get_logger(__name__)
+
+#: vLLM's all2all backend on CPU (the only one there): its group rebuilds in place.
+CPU_ALL2ALL_BACKEND = "allgather_reducescatter"
 
 __all__ = ["GroupFailedError", "VllmExperts", "WorkerGroup", "attached_worker_group",
            "current_group", "worker_group"]
@@ -71,13 +75,21 @@ class VllmExperts:
 class WorkerGroup:
     """One vLLM worker's membership in its DP group (stable id = its DP rank)."""
 
-    def __init__(self, rank_id: int, world: int, store, config, joining: bool = False):
+    def __init__(self, rank_id: int, world: int, store, config, joining: bool = False,
+                 all2all_backend: str = CPU_ALL2ALL_BACKEND):
         self.id = rank_id
         self.world = world
         self.config = config
         watchdog = process_watchdog(rank_id, world)
         transport = GlooTransport(store, GROUP_NAME, pg_timeout(config.rebuild_budget_s),
                                   config.cpu_dispatch)
+        tier, why = recovery_tier_for_backend(_backend_on_this_platform(all2all_backend))
+        if tier is not RecoveryTier.REBUILD_IN_PLACE:
+            # The batch sync runs on gloo, but dispatch/combine run on the GPU backend's
+            # own buffers (DeepEP), which no in-engine rebuild has been run for: a fault
+            # fences the group and goes straight to FAILED (the orchestrator's restart).
+            transport.name, transport.recovery_tier = all2all_backend, tier
+            logger.warning("rank %d: all2all backend %s: %s", rank_id, all2all_backend, why)
         self.member = GroupMember(rank_id, world, store, watchdog, transport,
                                   MemberOptions.from_config(config), GROUP_NAME,
                                   injection_for(config, store, GROUP_NAME, rank_id), joining)
@@ -218,8 +230,12 @@ _group: WorkerGroup | None = None
 _off = False
 
 
-def worker_group(rank_id: int, world: int) -> WorkerGroup | None:
-    """This worker's group (built at the first DP collective), or None when rebuild is off."""
+def worker_group(rank_id: int, world: int,
+                 all2all_backend: str = CPU_ALL2ALL_BACKEND) -> WorkerGroup | None:
+    """This worker's group (built at the first DP collective), or None when rebuild is off.
+
+    ``all2all_backend``: vLLM's ``ParallelConfig.all2all_backend`` (decides the recovery
+    tier; the CPU backend rebuilds in place)."""
     global _group, _off
     if _group is not None or _off:
         return _group
@@ -229,17 +245,28 @@ def worker_group(rank_id: int, world: int) -> WorkerGroup | None:
     from vllm_elastic_ft.vllm.replacement import replaced_rank
 
     _group = WorkerGroup(rank_id, world, connect_store(store_address()), process_config(),
-                         joining=replaced_rank() == rank_id)
+                         joining=replaced_rank() == rank_id, all2all_backend=all2all_backend)
     atexit.register(_group.member.shutdown)
     _die_with_parent()
     return _group
+
+
+def _backend_on_this_platform(all2all_backend: str) -> str:
+    """The backend as the tier table names it: the CPU one only on CPU (on a GPU the same
+    name runs on NCCL, which no in-place rebuild has been run for)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return all2all_backend
+    return f"{all2all_backend} on {current_platform.device_type}"
 
 
 def attached_worker_group(worker) -> WorkerGroup | None:
     """A vLLM worker's group (built now if it is not yet) with the worker's model attached,
     or None when in-engine rebuild is off in this process."""
     parallel_config = worker.vllm_config.parallel_config
-    group = worker_group(parallel_config.data_parallel_rank, parallel_config.data_parallel_size)
+    group = worker_group(parallel_config.data_parallel_rank, parallel_config.data_parallel_size,
+                         parallel_config.all2all_backend)
     if group is not None:
         group.attach_runner(worker.model_runner)
     return group
