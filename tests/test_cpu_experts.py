@@ -12,7 +12,7 @@ import pytest
 import torch
 from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 
-from vllm_elastic_ft.vllm.patches.cpu_experts import _make_apply, local_expert_pairs
+from vllm_elastic_ft.vllm.patches.worker.cpu_experts import _make_apply, local_expert_pairs
 
 E, H, INTER, M, TOPK = 8, 128, 64, 12, 2
 

@@ -351,7 +351,7 @@ def test_the_engine_monitor_watches_replacements_too(monkeypatch):
     """vLLM's engine-liveness monitor (patched): each engine exit is handed to the
     recovery; a replacement appended to the manager's list later is watched as well, so
     losing every original engine is no shutdown while replacements run."""
-    from vllm_elastic_ft.vllm.patches import no_cascade
+    from vllm_elastic_ft.vllm.patches.api_server import no_cascade
 
     exits = []
     recovery = SimpleNamespace(min_live_ranks=1,

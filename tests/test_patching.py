@@ -1,5 +1,6 @@
 """The patch registry and the patch helper (idempotence, version and signature checks)."""
 
+import importlib
 import inspect
 import pkgutil
 
@@ -15,10 +16,27 @@ from vllm_elastic_ft.vllm.patching import (
 )
 
 
+def _modules_on_disk() -> set[str]:
+    """Every module file under vllm/patches, as a dotted name (subpackages not counted)."""
+    found = set()
+    for info in pkgutil.walk_packages(patches.__path__, patches.__name__ + "."):
+        if not info.ispkg:
+            found.add(info.name)
+    return found
+
+
 def test_every_patch_module_is_registered_and_documented():
-    listed = {m.__name__.rsplit(".", 1)[1] for m in patches.ALL}
-    on_disk = {m.name for m in pkgutil.iter_modules(patches.__path__)}
-    assert listed == on_disk, "every file in vllm/patches must be listed in patches.ALL"
+    listed = {m.__name__ for m in patches.ALL}
+    assert listed == _modules_on_disk(), "every file in vllm/patches must be listed in patches.ALL"
+    assert len(listed) == len(patches.ALL), "patches.ALL lists a module twice"
+    top_level = {m.name for m in pkgutil.iter_modules(patches.__path__) if not m.ispkg}
+    assert not top_level, f"patch modules belong in a role's subpackage: {sorted(top_level)}"
+    for role, modules in patches.BY_ROLE.items():
+        package = importlib.import_module(f"{patches.__name__}.{role}")
+        assert modules == package.MODULES
+        on_disk = {m.name for m in pkgutil.iter_modules(package.__path__)}
+        assert {m.__name__.rsplit(".", 1)[1] for m in modules} == on_disk, (
+            f"every file in vllm/patches/{role} must be listed in its MODULES")
     for module in patches.ALL:
         assert module.SPECS, module.__name__
         for spec in module.SPECS:
@@ -82,12 +100,17 @@ def test_changed_signature_fails_loudly(monkeypatch):
     assert not is_patched(Target.method)
 
 
-def test_plugin_register_is_idempotent():
+def test_plugin_register_is_idempotent(monkeypatch):
     from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
-    from vllm_elastic_ft.plugin import register
+    from vllm_elastic_ft import plugin
+    from vllm_elastic_ft.vllm import process_role
 
-    register()
+    monkeypatch.setattr(process_role, "process_role", lambda: "worker")
+    monkeypatch.setattr(plugin, "_registered", False)
+    plugin.register()
     first = CpuCommunicator.__dict__["all_gatherv"]
-    register()
+    plugin.register()
+    monkeypatch.setattr(plugin, "_registered", False)
+    plugin.register()  # even past the plugin's own guard, a patch is applied once
     assert CpuCommunicator.__dict__["all_gatherv"] is first and is_patched(first)

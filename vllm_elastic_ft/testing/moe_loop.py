@@ -18,7 +18,7 @@ import torch.distributed as dist
 from vllm_elastic_ft.comm.store import connect_store
 from vllm_elastic_ft.comm.transport import GlooTransport
 from vllm_elastic_ft.faults.injection import FaultInjection
-from vllm_elastic_ft.vllm.patches.cpu_experts import local_expert_pairs
+from vllm_elastic_ft.vllm.patches.worker.cpu_experts import local_expert_pairs
 from vllm_elastic_ft.watchdog.guarded import guarded_combine, guarded_dispatch
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
 from vllm_elastic_ft.watchdog.report import LogAndCountSink, RankFaultError

@@ -96,7 +96,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="Call a utility on one chosen engine (prepare a joiner, admit it) or on the "
         "live engines only; the public call_utility_async always asks the first engine.",
         used_in="vllm_elastic_ft/vllm/frontend_recovery.py, "
-        "vllm_elastic_ft/vllm/patches/request_routing.py",
+        "vllm_elastic_ft/vllm/patches/api_server/request_routing.py",
     ),
     PrivateAccess(
         target=f"{_CPU_MOE}._padded_intermediate_size",
@@ -207,7 +207,7 @@ THIRD_PARTY: tuple[PrivateAccess, ...] = (
         access="read",
         why="add_cli_args is patched idempotently: skip adding the elastic-ft options when "
         "the parser already has them (argparse has no public list of its actions).",
-        used_in="vllm_elastic_ft/vllm/patches/engine_args.py",
+        used_in="vllm_elastic_ft/vllm/patches/api_server/engine_args.py",
     ),
     PrivateAccess(
         target="os:_exit",

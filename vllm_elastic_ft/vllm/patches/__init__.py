@@ -1,18 +1,26 @@
-"""The plugin's vLLM patches, one module per patched vLLM area.
+"""The plugin's vLLM patches, by the process they act in, one module per vLLM area.
 
 Each module defines ``SPECS`` (its registry entries, see ``patching.PatchSpec``)
-and ``apply()``. ``FRONTEND`` patches take effect where engine arguments are
-parsed (API server, Ray Serve replica); ``ENGINE`` patches where the model runs
-(engine-core and worker processes). The plugin applies both everywhere: each is
-idempotent and cheap, and a process simply never calls the other side's code.
+and ``apply()``. The subpackages hold the patches of one kind of vLLM process
+(``vllm/process_role.py`` says which one this is):
+
+* ``api_server``: the front end, where engine arguments are parsed and the
+  engine client runs (``vllm serve``, a Ray Serve replica);
+* ``engine_core``: an engine-core process (scheduler, DP state, busy loop);
+* ``worker``: a worker process (model runner, communicators, MoE experts).
+
+``plugin.register`` applies ``BY_ROLE[process_role()]`` (every patch, ``ALL``,
+in a process it cannot place). A patch needed in two kinds of process is listed
+under both.
 """
 
-from vllm_elastic_ft.vllm.patches import (
-    cpu_communicator, cpu_experts, deepep, dp_sync, engine_args, engine_sync, no_cascade,
-    replacement, request_routing, step_retry, worker_start,
-)
+from vllm_elastic_ft.vllm.patches import api_server, engine_core, worker
 
-FRONTEND = (engine_args, no_cascade, request_routing)
-ENGINE = (cpu_communicator, cpu_experts, deepep, dp_sync, step_retry, engine_sync, replacement,
-          worker_start)
-ALL = FRONTEND + ENGINE
+BY_ROLE = {
+    "api_server": api_server.MODULES,
+    "engine_core": engine_core.MODULES,
+    "worker": worker.MODULES,
+}
+
+#: Every patch module once (the registry and its tests read this).
+ALL = tuple(dict.fromkeys(module for modules in BY_ROLE.values() for module in modules))

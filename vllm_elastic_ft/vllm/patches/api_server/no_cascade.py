@@ -1,19 +1,15 @@
-"""One engine's death no longer takes the whole deployment down.
+"""One engine's death no longer takes the whole deployment down: the API server's side.
 
 Stock vLLM 0.32.0 ends every engine when one exits: the API server's engine
-monitor (``CoreEngineProcManager.monitor_engine_liveness``) stops at the first
-dead engine and shuts all of them down, and a dying engine's
-``ENGINE_CORE_DEAD`` frame marks the whole client dead
-(``BackgroundResources.validate_alive``). With in-engine recovery switched on
-in the API server (``frontend_recovery.install``):
-
-* the monitor hands a lost engine to the recovery (route around it, move its
-  requests) and keeps watching the others; it still shuts everything down when
-  no engine is left, when fewer than ``min_live_ranks`` remain, or when the
-  recovery is switched off;
-* an engine leaving a group that rebuilds in place does not send
-  ``ENGINE_CORE_DEAD`` (it is not the client's death; the monitor sees the
-  process exit).
+monitor (``CoreEngineProcManager.monitor_engine_liveness``, a thread of the
+process that started the engines: API server, headless launcher or Ray Serve
+replica) stops at the first dead engine and shuts all of them down. With
+in-engine recovery switched on in the API server (``frontend_recovery.install``)
+the monitor hands a lost engine to the recovery (route around it, move its
+requests) and keeps watching the others; it still shuts everything down when
+no engine is left, when fewer than ``min_live_ranks`` remain, or when the
+recovery is switched off. The engine core's side (no ``ENGINE_CORE_DEAD``
+frame) is ``patches/engine_core/no_cascade.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ from typing import Any, Callable
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.frontend_recovery import frontend_recovery
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
-from vllm_elastic_ft.vllm.process_config import process_config
 
 logger = get_logger(__name__)
 
@@ -39,16 +34,7 @@ MONITOR = PatchSpec(
     params=("self",),
 )
 
-SEND_ENGINE_DEAD = PatchSpec(
-    target="vllm.v1.engine.core:EngineCoreProc._send_engine_dead",
-    why="ENGINE_CORE_DEAD from any one engine marks the whole DP client dead.",
-    how="Skip the frame when this engine belongs to a DP group that rebuilds in place.",
-    upstream="vllm-project/vllm#39863",
-    remove_when="vLLM tolerates the loss of one DP engine.",
-    params=("self",),
-)
-
-SPECS = (MONITOR, SEND_ENGINE_DEAD)
+SPECS = (MONITOR,)
 
 
 def _rank_of(proc, index: int) -> int:
@@ -93,20 +79,5 @@ def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
     return monitor_engine_liveness
 
 
-def _make_send_engine_dead(original: Callable[..., Any]) -> Callable[..., Any]:
-    def _send_engine_dead(self) -> None:
-        config = process_config()
-        dp_size = self.vllm_config.parallel_config.data_parallel_size \
-            if hasattr(self, "vllm_config") else 1
-        if config.enabled and config.in_engine_rebuild and config.watchdog and dp_size > 1:
-            logger.warning("engine leaving its DP group; not sending ENGINE_CORE_DEAD (the "
-                           "group rebuilds without it)")
-            return None
-        return original(self)
-
-    return _send_engine_dead
-
-
 def apply() -> None:
     apply_patch(MONITOR, _make_monitor)
-    apply_patch(SEND_ENGINE_DEAD, _make_send_engine_dead)

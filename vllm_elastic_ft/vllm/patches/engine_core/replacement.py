@@ -1,10 +1,11 @@
-"""Let a replacement DP rank start beside a running group, and let engines admit it.
+"""Let a replacement DP rank's engine core start beside a running group; let engines admit it.
 
-The first two patches change nothing in an ordinary process: they act only in
-a process started by ``vllm/replacement.py`` (``VLLM_ELASTIC_FT_REPLACES_RANK``
+The patch changes nothing in an ordinary engine core: it acts only in a
+process started by ``vllm/replacement.py`` (``VLLM_ELASTIC_FT_REPLACES_RANK``
 set). Two engine-core utility methods are added: ``elastic_ft_prepare_join``
-(on the replacement) and ``elastic_ft_admit``, which the front end calls on every engine (vLLM 0.32.0 runs a utility call on
-the engine's busy-loop thread, between steps).
+(on the replacement) and ``elastic_ft_admit``, which the front end calls on
+every engine (vLLM 0.32.0 runs a utility call on the engine's busy-loop thread,
+between steps). The replacement's worker side is ``patches/worker/replacement.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any, Callable
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.replacement import (
-    admit_in_worker, alone_in_world, prepare_join_in_worker, replaced_rank,
-    take_logical_dp_rank,
+    admit_in_worker, prepare_join_in_worker, replaced_rank,
 )
 
 logger = get_logger(__name__)
@@ -31,18 +31,7 @@ STATELESS_DP_GROUP = PatchSpec(
     params=("self", "return_store"),
 )
 
-WORKER_DISTRIBUTED_INIT = PatchSpec(
-    target="vllm.v1.worker.cpu_worker:init_worker_distributed_environment",
-    why="A worker's torch.distributed world spans every DP rank and is formed once, at "
-    "start-up; a replacement worker cannot enter it.",
-    how="In a replacement worker only: build the world and groups as if DP were 1, then make "
-    "the DP/EP coordinators report the replaced DP rank of N (they carry no traffic).",
-    upstream="vllm-project/vllm#30112",
-    remove_when="vLLM can add a rank to a running DP/EP group on CPU.",
-    params=("vllm_config", "rank", "distributed_init_method", "local_rank", "backend"),
-)
-
-SPECS = (STATELESS_DP_GROUP, WORKER_DISTRIBUTED_INIT)
+SPECS = (STATELESS_DP_GROUP,)
 
 
 def _make_stateless_init_dp_group(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,22 +43,6 @@ def _make_stateless_init_dp_group(original: Callable[..., Any]) -> Callable[...,
         return (None, None) if return_store else None
 
     return stateless_init_dp_group
-
-
-def _make_worker_distributed_init(original: Callable[..., Any]) -> Callable[..., Any]:
-    def init_worker_distributed_environment(vllm_config, rank: int,
-                                            distributed_init_method: str | None = None,
-                                            local_rank: int = -1, backend: str = "nccl"):
-        replaced = replaced_rank()
-        if replaced is None:
-            return original(vllm_config, rank, distributed_init_method, local_rank, backend)
-        parallel_config = vllm_config.parallel_config
-        with alone_in_world(parallel_config):
-            original(vllm_config, rank, distributed_init_method, local_rank, backend)
-        take_logical_dp_rank(replaced, parallel_config.data_parallel_size,
-                             parallel_config.enable_expert_parallel)
-
-    return init_worker_distributed_environment
 
 
 def elastic_ft_prepare_join(self) -> bool:
@@ -113,7 +86,6 @@ def elastic_ft_admit(self, joiner: int, ticket: str, wave: int) -> list:
 
 def apply() -> None:
     apply_patch(STATELESS_DP_GROUP, _make_stateless_init_dp_group)
-    apply_patch(WORKER_DISTRIBUTED_INIT, _make_worker_distributed_init)
     from vllm.v1.engine.core import DPEngineCoreProc
 
     for method in (elastic_ft_prepare_join, elastic_ft_admit):  # engine-core utilities
