@@ -12,7 +12,7 @@ every vLLM process the same way, whatever the door:
 ``additional_config`` is a real ``VllmConfig`` field, so vLLM ships it to every
 engine-core and worker process; each process re-validates it with
 :func:`ElasticFTConfig.from_additional_config`. Validation runs in the front
-end before any model loads (see ``vllm/patches/engine_args.py``) and raises
+end before any model loads (see ``vllm/patches/api_server/engine_args.py``) and raises
 :class:`ElasticFTConfigError` naming the key and the accepted values.
 """
 

@@ -5,7 +5,7 @@ either of two sources — its engine process exited (``monitor_engine_liveness``
 patch) or the group's members at a new epoch leave it out (the store follower,
 via :meth:`FrontEndRecovery.exclude`) — and then, on the AsyncLLM event loop:
 
-1. stops routing to ``k`` (``patches/request_routing.py`` skips lost engines;
+1. stops routing to ``k`` (``patches/api_server/request_routing.py`` skips lost engines;
    utility calls go to live engines only);
 2. re-submits every request that was in flight on ``k`` to a live engine, as a
    continuation: prompt + the tokens already streamed to the client, with

@@ -20,6 +20,11 @@ from typing import Any, Callable
 #: vLLM releases every patch in this package was written and tested against.
 SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 
+#: Entries whose target and signature ``vllm-elastic-ft patches --vllm-source`` found unchanged
+#: in the vLLM 0.33.0 wheel (read, not run: README "Which vLLM"). Only entries checked so
+#: carry it; a new entry starts at SUPPORTED_VLLM_VERSIONS.
+CHECKED_WITH_0_33 = ("0.32.0", "0.33.0")
+
 _MARKER = "__elastic_ft_patch__"
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_elastic_ft.vllm.patching import SUPPORTED_VLLM_VERSIONS, PatchSpec
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, SUPPORTED_VLLM_VERSIONS, PatchSpec
 
 #: The ways the plugin touches a private attribute.
 ACCESS_KINDS = ("read", "write", "call")
@@ -82,6 +82,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="A replacement worker re-ranks vLLM's DP coordinator (a group of one) as its "
         "logical DP rank; get_dp_group() asserts instead of returning None when unset.",
         used_in="vllm_elastic_ft/vllm/replacement.py",
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target="vllm.distributed.parallel_state:_EP",
@@ -89,6 +90,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="The same for the EP coordinator, which the model reads its EP rank from and "
         "whose all2all manager the MoE layers use; get_ep_group() asserts when unset.",
         used_in="vllm_elastic_ft/vllm/replacement.py",
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target="vllm.v1.engine.core_client:AsyncMPClient._call_utility_async",
@@ -97,6 +99,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         "live engines only; the public call_utility_async always asks the first engine.",
         used_in="vllm_elastic_ft/vllm/frontend_recovery.py, "
         "vllm_elastic_ft/vllm/patches/api_server/request_routing.py",
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target=f"{_CPU_MOE}._padded_intermediate_size",
@@ -104,6 +107,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="Experts loaded for a lost rank must be padded exactly as vLLM padded the "
         "experts it loaded itself; the padding rule has no public accessor.",
         used_in=_LOADER,
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target=f"{_CPU_MOE}._use_zentorch",
@@ -111,6 +115,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="Refuse to load orphan experts into a zentorch MoE layer (its weights are "
         "laid out differently); the flag is only kept privately.",
         used_in=_LOADER,
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target=f"{_MAP_MANAGER}._expert_map",
@@ -118,12 +123,14 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="Map orphan experts to the slots appended for them, and unmap experts a "
         "rejoined rank computes again; ExpertMapManager only computes the map once.",
         used_in=_LOADER,
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target=f"{_MAP_MANAGER}._expert_mask",
         access="write",
         why="Keep the expert mask (ROCm AITER) consistent with the edited expert map.",
         used_in=_LOADER,
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target=f"{_MAP_MANAGER}._local_num_experts",
@@ -131,6 +138,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="The layer holds more local experts after orphans are appended; the public "
         "local_num_experts is a read-only property over this attribute.",
         used_in=_LOADER,
+        vllm_versions=CHECKED_WITH_0_33,
     ),
     PrivateAccess(
         target="vllm._custom_ops:cpu_prepack_moe_weight",
@@ -138,6 +146,7 @@ ENTRIES: tuple[PrivateAccess, ...] = (
         why="Pack orphan experts' weights in the CPU MoE kernel's layout, as vLLM packs "
         "the experts it loads (the op is exposed only by the private _custom_ops module).",
         used_in=_LOADER,
+        vllm_versions=CHECKED_WITH_0_33,
     ),
 )
 

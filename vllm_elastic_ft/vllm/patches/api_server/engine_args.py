@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import export_config
 from vllm_elastic_ft.vllm.watchdog_store import host_store
 
@@ -33,6 +33,7 @@ ADD_CLI_ARGS = PatchSpec(
     upstream="none (plugins are loaded before the parser is built, by design)",
     remove_when="vLLM grows a plugin CLI-argument hook.",
     params=("parser",),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 FROM_CLI_ARGS = PatchSpec(
     target=f"{_MODULE}:EngineArgs.from_cli_args",
@@ -42,6 +43,7 @@ FROM_CLI_ARGS = PatchSpec(
     upstream="none",
     remove_when="vLLM grows a plugin CLI-argument hook.",
     params=("cls", "args"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 CREATE_ENGINE_CONFIG = PatchSpec(
     target=f"{_MODULE}:EngineArgs.create_engine_config",
@@ -51,6 +53,7 @@ CREATE_ENGINE_CONFIG = PatchSpec(
     upstream="none",
     remove_when="never (plugin-owned validation).",
     params=("self",),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (ADD_CLI_ARGS, FROM_CLI_ARGS, CREATE_ENGINE_CONFIG)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.frontend_recovery import frontend_recovery
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 
 logger = get_logger(__name__)
 
@@ -32,6 +32,7 @@ MONITOR = PatchSpec(
     upstream="vllm-project/vllm#39863, #30112",
     remove_when="vLLM tolerates the loss of one DP engine.",
     params=("self",),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (MONITOR,)

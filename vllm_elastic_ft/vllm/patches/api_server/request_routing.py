@@ -20,7 +20,7 @@ import asyncio
 from typing import Any, Callable
 
 from vllm_elastic_ft.vllm.frontend_recovery import frontend_recovery
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 
 _CLIENT = "vllm.v1.engine.core_client"
 
@@ -32,6 +32,7 @@ ROUTE = PatchSpec(
     upstream="vllm-project/vllm#39863",
     remove_when="vLLM's DP balancer knows about lost engines.",
     params=("self", "request"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 OUTPUTS = PatchSpec(
@@ -41,6 +42,7 @@ OUTPUTS = PatchSpec(
     upstream="vllm-project/vllm#39863",
     remove_when="vLLM re-submits requests of a lost DP engine itself.",
     params=("self", "outputs"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 UTILITY_ALL = PatchSpec(
@@ -50,6 +52,7 @@ UTILITY_ALL = PatchSpec(
     upstream="vllm-project/vllm#39863",
     remove_when="vLLM tolerates the loss of one DP engine.",
     params=("self", "method"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (ROUTE, OUTPUTS, UTILITY_ALL)

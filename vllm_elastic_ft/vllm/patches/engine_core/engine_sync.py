@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from vllm_elastic_ft.vllm.engine_group import current_engine_group, engine_group
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 
 SYNC_DP_STATE = PatchSpec(
@@ -41,6 +41,7 @@ HAS_UNFINISHED_DP = PatchSpec(
     upstream="vllm-project/vllm#39863, #30112",
     remove_when="vLLM's engine DP group can shrink around a lost engine.",
     params=("dp_group", "has_unfinished"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 BUSY_LOOP = PatchSpec(
@@ -53,6 +54,7 @@ BUSY_LOOP = PatchSpec(
     upstream="vllm-project/vllm#30112",
     remove_when="vLLM's engine DP group can shrink around a lost engine.",
     params=("self",),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (SYNC_DP_STATE, HAS_UNFINISHED_DP, BUSY_LOOP)

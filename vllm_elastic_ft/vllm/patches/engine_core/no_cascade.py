@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 
 logger = get_logger(__name__)
@@ -24,6 +24,7 @@ SEND_ENGINE_DEAD = PatchSpec(
     upstream="vllm-project/vllm#39863",
     remove_when="vLLM tolerates the loss of one DP engine.",
     params=("self",),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (SEND_ENGINE_DEAD,)

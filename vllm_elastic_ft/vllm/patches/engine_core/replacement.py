@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.replacement import (
     admit_in_worker, prepare_join_in_worker, replaced_rank,
 )
@@ -29,6 +29,7 @@ STATELESS_DP_GROUP = PatchSpec(
     upstream="vllm-project/vllm#30112 (keep survivors when a DP process dies)",
     remove_when="vLLM can add an engine to a running DP group.",
     params=("self", "return_store"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (STATELESS_DP_GROUP,)

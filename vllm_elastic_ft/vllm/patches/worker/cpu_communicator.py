@@ -20,7 +20,7 @@ import torch
 
 from vllm_elastic_ft.comm import cpu_collectives
 from vllm_elastic_ft.comm.transport import GlooTransport
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 from vllm_elastic_ft.vllm.worker_group import worker_group
 from vllm_elastic_ft.vllm.worker_watchdog import process_watchdog
@@ -37,6 +37,7 @@ ALL_GATHERV = PatchSpec(
     upstream="vllm-project/vllm#57837 (CPU wide-EP)",
     remove_when="vLLM's CpuCommunicator implements all_gatherv.",
     params=("self", "input_", "dim", "sizes"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 REDUCE_SCATTERV = PatchSpec(
@@ -48,6 +49,7 @@ REDUCE_SCATTERV = PatchSpec(
     upstream="vllm-project/vllm#57837 (CPU wide-EP)",
     remove_when="vLLM's CpuCommunicator implements reduce_scatterv.",
     params=("self", "input_", "dim", "sizes"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (ALL_GATHERV, REDUCE_SCATTERV)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 
 APPLY = PatchSpec(
@@ -35,6 +35,7 @@ APPLY = PatchSpec(
         "workspace13", "workspace2", "expert_tokens_meta",
         "apply_router_weight_on_input",
     ),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (APPLY,)

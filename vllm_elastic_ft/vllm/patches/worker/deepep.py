@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.worker_watchdog import process_watchdog
 from vllm_elastic_ft.watchdog.deepep import WatchedDeepEPBuffer
 
@@ -28,6 +28,7 @@ HT_INIT = PatchSpec(
     remove_when="vLLM's DeepEP prepare/finalize take a fault-detection hook.",
     params=("self", "buffer"),
     requires="deep_ep",
+    vllm_versions=CHECKED_WITH_0_33,
 )
 LL_INIT = PatchSpec(
     target=f"{_PKG}.deepep_ll:DeepEPLLPrepareAndFinalize.__init__",
@@ -39,6 +40,7 @@ LL_INIT = PatchSpec(
     remove_when="vLLM's DeepEP prepare/finalize take a fault-detection hook.",
     params=("self", "buffer"),
     requires="deep_ep",
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (HT_INIT, LL_INIT)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.process_config import process_config
 from vllm_elastic_ft.vllm.worker_group import worker_group
 from vllm_elastic_ft.vllm.worker_watchdog import current_watchdog
@@ -33,6 +33,7 @@ RUN_AR = PatchSpec(
     remove_when="vLLM's DP synchronisation takes a timeout and a fault hook.",
     params=("should_ubatch", "orig_num_tokens_per_ubatch", "padded_num_tokens_per_ubatch",
             "cudagraph_mode", "parallel_config"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (RUN_AR,)
@@ -45,7 +46,8 @@ def _make_run_ar(original: Callable[..., Any]) -> Callable[..., Any]:
                 cudagraph_mode, parallel_config)
         if process_config().enabled and parallel_config.data_parallel_size > 1:
             group = worker_group(parallel_config.data_parallel_rank,
-                                 parallel_config.data_parallel_size)
+                                 parallel_config.data_parallel_size,
+                                 parallel_config.all2all_backend)
             if group is not None:
                 # vLLM's [4, N] layout: orig, padded, ubatch, cudagraph mode.
                 return group.all_reduce_batch([orig_num_tokens_per_ubatch,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.replacement import (
     alone_in_world, replaced_rank, take_logical_dp_rank,
 )
@@ -24,6 +24,7 @@ WORKER_DISTRIBUTED_INIT = PatchSpec(
     upstream="vllm-project/vllm#30112",
     remove_when="vLLM can add a rank to a running DP/EP group on CPU.",
     params=("vllm_config", "rank", "distributed_init_method", "local_rank", "backend"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (WORKER_DISTRIBUTED_INIT,)

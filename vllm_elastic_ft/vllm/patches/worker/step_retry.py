@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.worker_group import current_group
 
 _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
@@ -38,6 +38,7 @@ MODEL_FORWARD = PatchSpec(
     upstream="vllm-project/vllm#39863, #30112 (no rank-failure recovery in DP/EP)",
     remove_when="vLLM can shrink a DP/EP group around a lost rank.",
     params=("self", "input_ids", "positions"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 DUMMY_RUN = PatchSpec(
@@ -47,6 +48,7 @@ DUMMY_RUN = PatchSpec(
     upstream="vllm-project/vllm#39863",
     remove_when="vLLM can shrink a DP/EP group around a lost rank.",
     params=("self", "num_tokens"),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (MODEL_FORWARD, DUMMY_RUN)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vllm_elastic_ft.vllm.patching import PatchSpec, apply_patch
+from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.worker_group import attached_worker_group
 
 WARM_UP = PatchSpec(
@@ -26,6 +26,7 @@ WARM_UP = PatchSpec(
     upstream="vllm-project/vllm#30112 (keep survivors when a DP process dies)",
     remove_when="vLLM's DP ranks watch each other from start-up.",
     params=("self",),
+    vllm_versions=CHECKED_WITH_0_33,
 )
 
 SPECS = (WARM_UP,)
