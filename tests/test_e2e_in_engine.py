@@ -24,7 +24,6 @@ import time
 import pytest
 
 from vllm_elastic_ft import faults
-from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.comm.store import connect_store
 from vllm_elastic_ft.loadgen import run_load
 from vllm_elastic_ft.reports_in_logs import fault_reports

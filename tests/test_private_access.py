@@ -22,7 +22,7 @@ import pytest
 
 import vllm_elastic_ft
 from vllm_elastic_ft.vllm import patches
-from vllm_elastic_ft.vllm.compat import instance_attributes
+from vllm_elastic_ft.vllm.vllm_source import instance_attributes
 from vllm_elastic_ft.vllm.patching import PatchSpec, installed_vllm_version
 from vllm_elastic_ft.vllm.private_access import (
     ACCESS_KINDS,

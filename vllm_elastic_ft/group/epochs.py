@@ -24,7 +24,7 @@ from typing import Callable
 
 from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group import membership as ms
-from vllm_elastic_ft.group.fencing import current_epoch, fence
+from vllm_elastic_ft.group.fencing import fence
 from vllm_elastic_ft.placement.solver import contiguous, solve
 
 
