@@ -44,6 +44,21 @@ def published(store, group: str, epoch: int) -> ms.Membership | None:
                          {int(r): tuple(e) for r, e in data["placement"].items()}, data["leader"])
 
 
+def await_published(store, group: str, epoch: int, timeout_s: float) -> ms.Membership:
+    """The membership agreed for ``epoch``, waiting for it (a follower that does not register,
+    e.g. an engine core adopting its workers' agreement).
+
+    Raises:
+        TimeoutError: nothing was published within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (membership := published(store, group, epoch)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"group {group}: epoch {epoch} never got its members")
+        time.sleep(0.01)
+    return membership
+
+
 def reported_suspects(reports: Callable[[], list], old: ms.Membership,
                       moved_on: Callable[[], bool], wait_s: float) -> set[int]:
     """Stable ids of the ranks named by this rank's FaultReports at ``old.epoch``.

@@ -24,7 +24,6 @@ dead must not register), they adopt what the workers agreed
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import torch
@@ -72,14 +71,8 @@ class EngineGroup:
         epoch = self._workers_epoch()
         if epoch <= self.epoch:
             return
-        deadline = time.monotonic() + self.config.rebuild_budget_s
-        membership = None
-        while membership is None:
-            membership = epochs.published(self.store, GROUP_NAME, epoch)
-            if membership is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"engine {self.id}: epoch {epoch} never got its members")
-                time.sleep(0.01)
+        membership = epochs.await_published(self.store, GROUP_NAME, epoch,
+                                            self.config.rebuild_budget_s)
         if self.id not in membership.members:
             raise FencedError(ENGINE_GROUP, self.id, self.epoch, epoch)
         rank = membership.members.index(self.id)
