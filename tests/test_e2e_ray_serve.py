@@ -124,3 +124,110 @@ def test_an_unrecoverable_gang_is_restarted_by_ray_while_the_other_serves(two_ga
     summary = results[0]
     assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
     _wait(serves, 300, "the app to serve after the restart")
+
+
+def _a_whole_gang(timeout_s: float = 600.0) -> tuple[str, str]:
+    """A gang at epoch 0 whose two ranks both heartbeat: its id and store address. Ray's KV
+    keeps the store address of a gang Ray restarted (its store does not answer: skipped),
+    and a gang Ray just built may still be starting (no heartbeats yet: waited for)."""
+    from vllm_elastic_ft.group.fencing import current_epoch
+
+    def whole():
+        for gang, address in sorted(gang_stores().items()):
+            try:
+                store = connect_store(address, timeout_s=2.0)
+                beats = [keys.heartbeat("dp", 0, r) for r in (0, 1)]
+                if current_epoch(store, "dp") == 0 and store.check(beats):
+                    return gang, address
+            except Exception:  # noqa: BLE001 - a restarted gang's store is gone
+                continue
+        return None
+
+    gang, address = _wait(whole, timeout_s, "a gang with both ranks up at epoch 0")
+    # Heartbeats come before Serve calls the replicas started (a gang Ray just rebuilt gets
+    # no traffic until then): probe until this gang has served requests itself.
+    store = connect_store(address)
+    _wait(lambda: serves() and completed(store) > 0, timeout_s, f"gang {gang} to serve")
+    return gang, address
+
+
+def test_a_gang_that_healed_while_idle_is_not_restarted_after_its_budget(two_gangs):
+    """Issue 11: a rank lost while no request runs heals in place, and the healed gang stays
+    up past rebuild_budget_s + 3 health periods with no traffic (READY must not age into a
+    Ray gang restart): the same gangs, the same survivor process, and it serves."""
+    gangs = gang_stores()
+    gang, address = _a_whole_gang()
+    survivor, victim = _worker_pid(address, 0), _worker_pid(address, 1)
+    faults.signal_process("kill", victim, 1)
+    store = connect_store(address)
+    _wait(lambda: store.check([keys.serving("dp", 1)]), 60, "the idle gang to heal in place")
+    budget_s = two_gangs.engine_kwargs["additional_config"]["elastic_ft"]["rebuild_budget_s"]
+    period_s = two_gangs.deployment_config["health_check_period_s"]
+    time.sleep(budget_s + 3 * period_s + 4)  # no traffic at all meanwhile
+    assert set(gang_stores()) == set(gangs), "Ray restarted a gang that had healed"
+    assert _worker_pid(address, 0, epoch=1) == survivor, "the survivor is the same process"
+    after: list = []
+    _load(after, 8).join(timeout=300)
+    assert after[0].failed == 0 and after[0].ok == 8
+
+
+def _openai_text(client, kind: str, prompt: str, stream: bool, max_tokens: int,
+                 progress: list | None = None) -> str:
+    """One greedy request through the official OpenAI client (no retries: max_retries=0)."""
+    common = dict(model="tiny-moe", max_tokens=max_tokens, temperature=0.0, stream=stream,
+                  extra_body={"ignore_eos": True})
+    if kind == "chat":
+        answer = client.chat.completions.create(
+            messages=[{"role": "user", "content": prompt}], **common)
+        pieces = (c.choices[0].delta.content or "" for c in answer if c.choices) if stream \
+            else [answer.choices[0].message.content]
+    else:
+        answer = client.completions.create(prompt=prompt, **common)
+        pieces = (c.choices[0].text for c in answer if c.choices) if stream \
+            else [answer.choices[0].text]
+    text = ""
+    for piece in pieces:
+        text += piece
+        if progress is not None:
+            progress.append(1)
+    return text
+
+
+def test_requests_on_a_lost_rank_finish_elsewhere_with_the_reference_text(two_gangs):
+    """Issue 11: streams (chat and completions) and plain requests that were running on the
+    rank killed mid-stream finish on another replica, with exactly the no-fault greedy text;
+    the client (OpenAI's, max_retries=0) sees no error."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0, timeout=300)
+    cases = [("completions" if i % 2 == 0 else "chat", f"{PROMPTS[i % len(PROMPTS)]} {i}",
+              i % 4 < 2) for i in range(16)]
+    reference = {i: _openai_text(client, kind, prompt, False, 96)
+                 for i, (kind, prompt, _) in enumerate(cases)}
+    gangs = gang_stores()
+    gang, address = _a_whole_gang()
+    victim = _worker_pid(address, 1)
+    texts, errors, progress = {}, {}, []
+
+    def run(i: int) -> None:
+        kind, prompt, stream = cases[i]
+        try:
+            texts[i] = _openai_text(client, kind, prompt, stream, 96, progress)
+        except Exception as err:  # every exception is a client error: nothing retries
+            errors[i] = repr(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    _wait(lambda: len(progress) >= 40, 120, "the streams to be under way")
+    faults.signal_process("kill", victim, 1)
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert texts == reference, {i: (texts.get(i), reference[i]) for i in reference
+                                if texts.get(i) != reference[i]}
+    store = connect_store(address)
+    continued = int(store.get(keys.serve_continued(1))) if store.check(
+        [keys.serve_continued(1)]) else 0
+    assert continued >= 1, "no stream was running on the lost rank: the case did not happen"
+    assert set(gang_stores()) == set(gangs), "healed in place, not restarted"

@@ -135,10 +135,22 @@ def _healthy(replica) -> bool:
 
 
 def test_health_stays_green_while_the_gang_heals_in_place(engine_check):
-    for state in (GroupState.FENCED, GroupState.REBUILDING, GroupState.READY):
+    for state in (GroupState.FENCED, GroupState.REBUILDING):
         # The lost rank's own replica too: Ray must not restart the gang over it.
         assert _healthy(_replica(state, engine_healthy=False, rebuild_budget_s=20.0))
         assert not _healthy(_replica(state, since_s_ago=21.0, rebuild_budget_s=20.0))
+
+
+def test_a_rebuilt_gang_that_saw_no_traffic_never_ages_into_a_restart(engine_check):
+    # READY for much longer than the budget (no request came since the rebuild): it can
+    # serve, so it is healthy, on a survivor and on the lost rank's replica alike.
+    assert _healthy(_replica(GroupState.READY, rank=0, live=(0,), since_s_ago=600.0,
+                             rebuild_budget_s=20.0))
+    assert _healthy(_replica(GroupState.READY, rank=1, live=(0,), engine_healthy=False,
+                             since_s_ago=600.0, rebuild_budget_s=20.0))
+    # ... but a survivor whose engine died after the rebuild is judged by its engine.
+    assert not _healthy(_replica(GroupState.READY, rank=1, live=(0, 1), engine_healthy=False,
+                                 since_s_ago=1.0, rebuild_budget_s=20.0))
     assert not _healthy(_replica(GroupState.FAILED))
     # Healed without this rank: its replica only forwards, and stays up.
     assert _healthy(_replica(GroupState.HEALTHY, rank=1, live=(0,), engine_healthy=False))

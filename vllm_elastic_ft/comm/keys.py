@@ -29,6 +29,7 @@ the engine cores' DP sync)::
     eft/<g>/inject/slow/<rank>         fault injection: delay per guarded call
     eft/<g>/inject/rebuild_delay       fault injection: hold inside a rebuild
     eft/serve/rank<r>/completed        Ray Serve: requests rank r completed
+    eft/serve/rank<r>/continued        Ray Serve: streams rank r continued elsewhere
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ def inject_rebuild_delay(group: str) -> str:
 
 def serve_completed(rank: int) -> str:
     return f"{ROOT}/serve/rank{rank}/completed"
+
+
+def serve_continued(rank: int) -> str:
+    return f"{ROOT}/serve/rank{rank}/continued"
 
 
 def failed(group: str, epoch_: int) -> str:

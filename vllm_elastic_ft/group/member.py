@@ -365,6 +365,10 @@ class GroupMember:
                 return
             try:
                 self.recover("a peer failed while this rank was idle")
+                # The new communicator's rendezvous took every member: the epoch can
+                # serve. Mark it so, or an idle group sits in READY until a request
+                # comes (and an orchestrator's budget would age it into a restart).
+                self.served()
             except FencedError as err:
                 self._fenced_out = err  # the next step raises it: this rank must leave
             except GroupFailedError as err:

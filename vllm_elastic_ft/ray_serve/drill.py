@@ -6,7 +6,10 @@ that never retries (every failure is a client error), in two modes, each a
 fresh Ray start-up:
 
 * ``in_engine``: ``build_elastic_dp_openai_app`` as shipped — gang A heals in
-  place while Ray keeps it and routes around it;
+  place while Ray keeps it and routes around it; then the idle case: gang B
+  loses a rank while no request runs and is left alone for longer than the
+  rebuild budget and three health periods (``idle``: healed in place? did Ray
+  restart anything?);
 * ``gang_restart``: the same deployment with ``in_engine_rebuild: false`` — the
   adapter still takes gang A out of routing, and the recovery is Ray Serve's own
   gang restart (``RESTART_GANG``, a full model load);
@@ -256,6 +259,8 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
                 members = json.loads(store_a.get(store_keys.members("dp", 1)))["members"]
         except Exception:
             pass
+        idle = _idle_case(store_b, ft["rebuild_budget_s"], 2.0, note) \
+            if mode == "in_engine" else None
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -304,8 +309,45 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
             "counted": "per gang" if watch else "all gangs (stock Ray has no per-gang counter; "
                        "before: half the total)",
         },
+        "idle": idle,
         "timeline": [(round(t - fault_at, 3), what) for t, what in sorted(events)],
     }
+
+
+def _idle_case(store_b, budget_s: float, health_period_s: float, note) -> dict:
+    """Gang B loses rank 1 while no request runs; then nothing for longer than the rebuild
+    budget and three health periods. Did it heal in place, and did Ray restart anything?"""
+    from vllm_elastic_ft import faults
+    from vllm_elastic_ft.loadgen import complete_once
+    from vllm_elastic_ft.watchdog.attribution import RankStatus
+
+    gangs = set(gang_stores())
+    survivor = RankStatus.decode(store_b.get(store_keys.heartbeat("dp", 0, 0))).pid
+    victim = RankStatus.decode(store_b.get(store_keys.heartbeat("dp", 0, 1))).pid
+    killed_at = note(f"idle case: kill worker of gang B rank 1 (pid {victim}), no load",
+                     faults.signal_process("kill", victim, 1).at)
+    healed_at = None
+    try:
+        healed_at = _wait(lambda: store_b.check([store_keys.serving("dp", 1)]) and time.time(),
+                          120, "gang B to heal while idle")
+        note("idle case: gang B serving again", healed_at)
+    except TimeoutError as err:
+        note(f"idle case: gang B did not heal: {err}")
+    time.sleep(budget_s + 3 * health_period_s + 4)
+    try:
+        now = RankStatus.decode(store_b.get(store_keys.heartbeat("dp", 1, 0))).pid
+    except Exception:  # gang B's store went away: Ray restarted the gang
+        now = None
+    restarted = set(gang_stores()) != gangs or now != survivor
+    try:
+        served = bool(complete_once(URL, PROMPTS[0], 4, 60))
+    except OSError:  # an HTTP error is an OSError too (urllib)
+        served = False
+    note(f"idle case: after {budget_s + 3 * health_period_s + 4:.0f}s idle, Ray restarted "
+         f"{'a gang' if restarted else 'nothing'}; a request served: {served}")
+    return {"healed_s": round(healed_at - killed_at, 3) if healed_at else None,
+            "ray_restarted_anything": restarted, "survivor_same_process": now == survivor,
+            "served_after": served}
 
 
 def run_ray_drill(args: argparse.Namespace, model: str) -> int:
@@ -332,6 +374,9 @@ def run_ray_drill(args: argparse.Namespace, model: str) -> int:
         print(f"{mode:<14}{r['requests_lost']:>6}{str(r['fence_s']):>9}{str(r['rebuild_s']):>11}"
               f"{str(r['interruption_s']):>16}{str(g['gang_b_rps_before']):>19}"
               f"{str(g['gang_b_rps_after_fault']):>13}{str(g['gang_b_ratio']):>7}")
+    for mode in args.modes:
+        if results[mode].get("idle"):
+            print(f"{mode} idle case: {results[mode]['idle']}")
     print(json.dumps({m: {k: v for k, v in r.items() if k != "timeline"} if isinstance(r, dict)
                       else r for m, r in results.items()}))
     print(f"wrote {out}/result.json, timeline.txt")

@@ -10,14 +10,17 @@ The subclass (targets ray 2.60 ``DPServer``):
 * follows the gang's group state from that store (the same follower as the API
   server's ``/elastic_ft/status``);
 * **health**: ``check_health`` stays green while the gang heals in place (FENCED,
-  REBUILDING, READY within ``rebuild_budget_s``) and on a replica whose rank the
-  gang left behind; it raises once the gang is FAILED (or over budget), so Ray
+  REBUILDING within ``rebuild_budget_s``; a rebuilt, READY gang can serve and is
+  judged as HEALTHY, so an idle gang that healed is never restarted) and on a
+  replica whose rank the gang left behind; it raises once the gang is FAILED (or over budget), so Ray
   Serve's gang restart (``RESTART_GANG``) happens only then; with
   ``in_engine_rebuild: false`` it raises as soon as the gang is fenced;
 * **traffic**: ``record_routing_stats`` says ``serving: False`` while the gang is
   not serving or this rank is lost; :mod:`.router` routes around such replicas;
-  a request that fails here because this rank was lost is re-sent through the
-  deployment's handle to a serving replica, so the client sees no error.
+  a request that fails here because this rank was lost is finished on a serving
+  replica through the deployment's handle — sent again whole if nothing reached
+  the client, continued after the tokens the client has if it was streaming
+  (``continuation.py``) — so the client sees no error.
 """
 
 from __future__ import annotations
@@ -37,11 +40,15 @@ from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
 from vllm_elastic_ft.group.state_machine import GroupState
 from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.ray_serve.continuation import StreamContinuation
 
 logger = get_logger(__name__)
 
-#: States in which a gang heals itself: Ray must neither route to it nor restart it.
-HEALING = (GroupState.SUSPECT, GroupState.FENCED, GroupState.REBUILDING, GroupState.READY)
+#: States in which a gang heals itself: Ray must not restart it while its budget lasts.
+#: READY is not one of them: a rebuilt gang can serve (its new communicator's rendezvous
+#: took every member), whether or not traffic arrived since, so it is judged as HEALTHY
+#: and never ages into a restart.
+HEALING = (GroupState.SUSPECT, GroupState.FENCED, GroupState.REBUILDING)
 STORE_KEY_PREFIX = "vllm_elastic_ft/store/"
 
 
@@ -162,38 +169,69 @@ class ElasticDPServer(DPServer):
         return stats
 
     async def chat(self, request, raw_request_info=None):
-        if self._ft_lost_here():
-            return self._ft_elsewhere("chat", request, raw_request_info)
-        stream = await super().chat(request, raw_request_info)
-        return self._ft_or_elsewhere(stream, "chat", request, raw_request_info)
+        return await self._ft_run("chat", request, raw_request_info)
 
     async def completions(self, request, raw_request_info=None):
-        if self._ft_lost_here():
-            return self._ft_elsewhere("completions", request, raw_request_info)
-        stream = await super().completions(request, raw_request_info)
-        return self._ft_or_elsewhere(stream, "completions", request, raw_request_info)
+        return await self._ft_run("completions", request, raw_request_info)
 
-    async def _ft_or_elsewhere(self, stream, method: str, request, raw_request_info):
-        """Yield ``stream``; if it fails before its first item because this rank was lost,
-        run the request on a serving replica instead (nothing reached the client yet)."""
+    async def _ft_run(self, method: str, request, raw_request_info):
+        if self._ft_lost_here():
+            return self._ft_elsewhere(method, request, raw_request_info)
+        tracker = StreamContinuation.start(request, method)
+        stream = await getattr(super(), method)(request, raw_request_info)
+        return self._ft_or_elsewhere(stream, method, request, raw_request_info, tracker)
+
+    async def _ft_or_elsewhere(self, stream, method: str, request, raw_request_info,
+                               tracker: StreamContinuation | None = None):
+        """Yield ``stream``; if it fails because this rank was lost, finish the request on a
+        serving replica: all of it when nothing reached the client yet, else (a stream)
+        as a continuation after the tokens the client already has."""
+        yielded = False
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            return
+            async for item in stream:
+                shown, errored = (item, _is_error(item)) if tracker is None \
+                    else tracker.observe(item)
+                if errored and (tracker is not None or not yielded) \
+                        and await self._ft_wait_lost():
+                    if tracker is not None and (part := _without_done(shown)):
+                        yield part
+                        yielded = True
+                    break
+                yield item if errored else shown  # not a lost rank: the engine's own error
+                yielded = True
+            else:
+                self._ft_count_completed()
+                return
         except Exception:
             if not await self._ft_wait_lost():
                 raise
-            first = None
-        if first is not None and not (_is_error(first) and await self._ft_wait_lost()):
-            yield first
-            async for item in stream:
-                yield item
-            self._ft_count_completed()
-            return
-        logger.warning("gang %s rank %d lost: re-sending a %s request to a serving replica",
-                       self._ft_gang, self._ft_rank, method)
-        async for item in self._ft_elsewhere(method, request, raw_request_info):
+        async for item in self._ft_resume(method, request, raw_request_info, tracker, yielded):
             yield item
+
+    async def _ft_resume(self, method: str, request, raw_request_info,
+                         tracker: StreamContinuation | None, yielded: bool):
+        if tracker is not None and tracker.finished:
+            yield ["data: [DONE]\n\n"]  # the client has every token already
+            return
+        if tracker is None or not yielded or tracker.prompt_ids is None:
+            if tracker is not None:
+                request.return_token_ids = tracker.client_wants_ids
+            logger.warning("gang %s rank %d lost: re-sending a %s request to a serving "
+                           "replica", self._ft_gang, self._ft_rank, method)
+            async for item in self._ft_elsewhere(method, request, raw_request_info):
+                yield item
+            return
+        continuation = tracker.request()
+        if continuation is None:  # its budget is spent: nothing left to generate
+            yield ["data: [DONE]\n\n"]
+            return
+        logger.warning("gang %s rank %d lost: continuing a %s stream on a serving replica "
+                       "after %d token(s)", self._ft_gang, self._ft_rank, method,
+                       len(tracker.generated))
+        store, thread = self._ft_counter
+        thread.submit(store.add, keys.serve_continued(self._ft_rank), 1)
+        async for item in self._ft_elsewhere("completions", continuation, raw_request_info):
+            yield tracker.adapt(item)
 
     def _ft_count_completed(self) -> None:
         """Requests this rank completed, in the gang's store (``keys.serve_completed``):
@@ -215,6 +253,14 @@ class ElasticDPServer(DPServer):
         handle = serve.get_deployment_handle(deployment, app).options(stream=True)
         async for item in getattr(handle, method).remote(request, raw_request_info):
             yield item
+
+
+def _without_done(items: Any) -> Any:
+    """What of a streamed item may still reach the client when the stream continues
+    elsewhere: not its ``[DONE]`` (the continuation sends its own)."""
+    if isinstance(items, list):
+        return [i for i in items if not (isinstance(i, str) and "[DONE]" in i)]
+    return None if items is None or (isinstance(items, str) and "[DONE]" in items) else items
 
 
 def _is_error(item: Any) -> bool:

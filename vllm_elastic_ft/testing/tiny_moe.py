@@ -28,7 +28,11 @@ logger = logging.getLogger(__name__)
 #: Architectures that vLLM 0.32 loads on CPU with unquantized fused-MoE experts.
 ARCHITECTURES = ("qwen3_moe", "mixtral", "phimoe")
 
-_BUILDER_VERSION = 1  # bump when the checkpoint layout changes (invalidates caches)
+_BUILDER_VERSION = 2  # bump when the checkpoint layout changes (invalidates caches)
+
+#: "role: content" lines, then the assistant's turn (the tiny model has no chat format).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. Wide expert parallel serving spreads
@@ -201,4 +205,6 @@ def _write_tokenizer(spec: TinyMoESpec, out: Path) -> None:
         eos_token="</s>",
         unk_token="<unk>",
     )
+    # A plain chat template, so that chat completions work on the tiny model too.
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)

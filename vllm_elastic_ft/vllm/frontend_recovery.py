@@ -33,6 +33,7 @@ import uuid
 from typing import Any
 
 from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.vllm.continuation import remaining_budget
 
 logger = get_logger(__name__)
 
@@ -243,13 +244,11 @@ class FrontEndRecovery:
         params = request.sampling_params
         if params is None:  # pooling: nothing generated, run it again
             return msgspec.structs.replace(request)
-        remaining = (params.max_tokens or 0) - len(generated)
-        if params.max_tokens is not None and remaining <= 0:
+        budget = remaining_budget(params.max_tokens, params.min_tokens, len(generated))
+        if budget is None:
             return None
         params = params.clone()
-        if params.max_tokens is not None:
-            params.max_tokens = remaining
-        params.min_tokens = max(0, params.min_tokens - len(generated))
+        params.max_tokens, params.min_tokens = budget
         params.prompt_logprobs = None
         return msgspec.structs.replace(
             request, prompt_token_ids=list(request.prompt_token_ids or []) + generated,
