@@ -89,9 +89,6 @@ class WatchedDeepEPBuffer:
 
     def masked_ranks(self) -> list[int]:
         """Ranks the low-latency kernels marked as timed out (``enable_shrink`` only)."""
-        import torch
+        from vllm_elastic_ft.comm.deepep_transport import masked_ranks
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # DeepEP's mask lives on GPU
-        mask = torch.zeros(self._buffer.group_size, dtype=torch.int32, device=device)
-        self._buffer.low_latency_query_mask_buffer(mask)
-        return [int(r) for r in mask.nonzero().flatten().tolist()]
+        return masked_ranks(self._buffer)
