@@ -81,7 +81,8 @@ def test_dp2_worker_killed_before_the_first_request_is_named_and_the_group_rebui
     injection = faults.signal_process("kill", victim, 1)
     report, status = None, {}
     deadline = time.monotonic() + 20
-    while (report is None or status.get("state") != "READY") and time.monotonic() < deadline:
+    while (report is None or status.get("epoch") != 1 or status.get("state") != "HEALTHY") \
+            and time.monotonic() < deadline:
         found = [r for r in fault_reports(dp2_server.log_text()) if r["reporter"] == 0]
         report = found[0] if found else report
         try:
@@ -93,11 +94,14 @@ def test_dp2_worker_killed_before_the_first_request_is_named_and_the_group_rebui
     assert report["suspects"] == [1] and report["kind"] == "dead"
     assert report["group"] == "dp" and report["epoch"] == 0
     assert report["detected_at"] - injection.at < 1.0, report
-    # Rebuilt while idle: fenced at epoch 1 without rank 1, then READY with no request sent.
+    # Rebuilt while idle: fenced at epoch 1 without rank 1, READY, and serving again (the
+    # idle rebuild marks its epoch serving: the new communicator took every member) with
+    # no request sent (an idle healed group must not sit in READY until traffic comes).
     assert status["epoch"] == 1 and status["live_ranks"] == [0], status
     assert status["last_report"]["suspects"] == [1]
     states = [e["state"] for e in status["events"]]
-    assert states == ["HEALTHY", "FENCED", "REBUILDING", "READY"], states
+    assert states == ["HEALTHY", "FENCED", "REBUILDING", "READY", "HEALTHY"], states
+    assert "POST /v1/completions" not in dp2_server.log_text(), "HEALTHY without any request"
     assert "a peer failed while this rank was idle" in dp2_server.log_text()
     # The report is the survivor worker's own log line (the counter rides in "#1").
     line = next(l for l in dp2_server.log_text().splitlines() if "FaultReport #1" in l)

@@ -52,7 +52,9 @@ def test_a_completions_stream_continues_after_the_tokens_the_client_has():
 def test_a_chat_stream_continues_as_chat_chunks_from_its_templated_prompt_ids():
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                     max_completion_tokens=6, stream=True, temperature=0.0)
-    tracker = StreamContinuation.start(request, "chat")
+    assert StreamContinuation.start(request.model_copy(), "chat") is None, "not yet continued"
+    tracker = StreamContinuation(request, "chat")  # the chat-shaped adaptation, kept
+    request.return_token_ids = True
     role = _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 9,
                  "model": "m", "prompt_token_ids": [11, 12, 13],
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},

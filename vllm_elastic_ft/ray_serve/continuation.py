@@ -40,6 +40,12 @@ CARRIED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "sto
                   "skip_special_tokens", "spaces_between_special_tokens",
                   "include_stop_str_in_output", "stream_options", "user", "priority")
 _DONE = "[DONE]"
+
+#: Which streams are continued. Chat streams are not, yet: in one of three e2e runs a
+#: continued chat stream's text held the decoded chat prompt before the (restarted) reply,
+#: not understood yet; until it is, a chat stream on a lost rank ends in an error, as
+#: before (the chat-shaped adaptation below is kept and unit-tested for that follow-up).
+CONTINUED_KINDS = ("completions",)
 _ID_FIELDS = ("token_ids", "prompt_token_ids")
 
 
@@ -58,7 +64,10 @@ class StreamContinuation:
     @classmethod
     def start(cls, request: Any, kind: str) -> StreamContinuation | None:
         """Track ``request`` (and ask its engine for token ids), or None if it cannot be
-        continued: not streaming, or more than one choice."""
+        continued: not streaming, more than one choice, or a chat stream (see
+        ``CONTINUED_KINDS``)."""
+        if kind not in CONTINUED_KINDS:
+            return None
         if not getattr(request, "stream", False) or (getattr(request, "n", 1) or 1) != 1:
             return None
         if not hasattr(request, "return_token_ids"):

@@ -203,7 +203,10 @@ class ElasticDPServer(DPServer):
                 self._ft_count_completed()
                 return
         except Exception:
-            if not await self._ft_wait_lost():
+            # Sent again whole only if the client has nothing yet (else it would see its
+            # first tokens twice); continued only where the stream can be.
+            continuable = tracker is not None and tracker.prompt_ids is not None
+            if (yielded and not continuable) or not await self._ft_wait_lost():
                 raise
         async for item in self._ft_resume(method, request, raw_request_info, tracker, yielded):
             yield item
