@@ -13,10 +13,18 @@ server it follows the DP group through the watchdog store
 * ``/metrics``: ``elastic_ft_*`` gauges, counters and histograms beside vLLM's;
 * new inference requests get a retriable 503 (``Retry-After``) while the group
   is not serving.
+
+On a server started with ``--api-key`` (or ``VLLM_API_KEY``) every
+``/elastic_ft/...`` route needs the key, as ``/v1/...`` does
+(``Authorization: Bearer <key>``; 401 ``{"error": "Unauthorized"}`` without it;
+``vllm/api_key.py``): vLLM guards only its own prefixes, and
+``POST /elastic_ft/replace`` starts processes. ``/health`` stays open for load
+balancers, as in vLLM.
 """
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 from typing import Any
 
@@ -33,6 +41,7 @@ from vllm_elastic_ft.group.state_machine import GroupState, GroupView
 from vllm_elastic_ft.group.store_follower import StoreFollower
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.placement.solver import contiguous
+from vllm_elastic_ft.vllm import api_key
 
 logger = get_logger(__name__)
 
@@ -163,6 +172,51 @@ class FrontEndGroup:
         return status
 
 
+#: What ``POST /elastic_ft/replace`` accepts, for its 400 answers.
+REPLACE_BODY = 'a JSON object {"rank": <int >= 0>}, the lost DP rank to replace'
+
+
+def parse_replace_body(raw: bytes) -> int | str:
+    """The rank of a ``POST /elastic_ft/replace`` body, or the 400 message saying what is wrong.
+
+    Strict, because the route starts processes: ``true`` is not rank 1 (bool is an int
+    in Python), ``1.0`` and ``"1"`` are not ranks, and an unknown key is an error
+    rather than ignored (a typo such as ``{"rank": 1, "force": true}`` must not pass
+    silently as something it is not).
+    """
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        return f"field 'rank': the body is not JSON ({err}); expected {REPLACE_BODY}"
+    if not isinstance(body, dict):
+        return f"field 'rank': the body is a JSON {_json_type(body)}; expected {REPLACE_BODY}"
+    extra = sorted(set(body) - {"rank"})
+    if extra:
+        return (f"unknown field(s) {', '.join(repr(k) for k in extra)}: "
+                f"field 'rank' only; expected {REPLACE_BODY}")
+    if "rank" not in body:
+        return f"field 'rank' is missing; expected {REPLACE_BODY}"
+    rank = body["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        shown = json.dumps(rank)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return (f"field 'rank': {shown} is a JSON {_json_type(rank)}, "
+                f"not an integer; expected {REPLACE_BODY}")
+    if rank < 0:
+        return f"field 'rank': {rank} is negative; expected {REPLACE_BODY}"
+    return rank
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (for messages a client reads)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return {int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}[type(value)]
+
+
 class ElasticFTEndpoints:
     """The ``vllm.endpoint_plugins`` factory (instantiated once per API server)."""
 
@@ -203,11 +257,9 @@ class ElasticFTEndpoints:
             if recovery is None:
                 return JSONResponse({"error": "in-engine rebuild is not on in this server"},
                                     status_code=400)
-            body = await request.json()
-            rank = body.get("rank") if isinstance(body, dict) else None
-            if not isinstance(rank, int):
-                return JSONResponse({"error": "field 'rank': an int, the lost DP rank to "
-                                              f"replace (lost: {sorted(recovery.lost)})"},
+            rank = parse_replace_body(await request.body())
+            if isinstance(rank, str):
+                return JSONResponse({"error": f"{rank} (lost: {sorted(recovery.lost)})"},
                                     status_code=400)
             try:
                 result = await recovery.replace(rank, REPLACEMENT_START_TIMEOUT_S,
@@ -220,6 +272,9 @@ class ElasticFTEndpoints:
             return JSONResponse(result)
 
         app.include_router(router)
+        # vLLM's --api-key guards only /v1, /v2, /inference, /cohere: the same check on
+        # /elastic_ft (the key is known in init_state, after this; read per request).
+        app.add_middleware(api_key.ElasticFTAuthMiddleware, state=app.state)
 
         @app.middleware("http")
         async def refuse_while_fenced(request: Request, call_next):
@@ -240,6 +295,11 @@ class ElasticFTEndpoints:
             return await call_next(request)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
+        # First, before any early return: the routes exist on every server, the engine-less
+        # render server included, so each one needs the key its server was started with.
+        setattr(state, api_key.STATE_ATTR, api_key.check_for(args))
+        if getattr(state, api_key.STATE_ATTR) is not None:
+            logger.info("vllm-elastic-ft: /elastic_ft/* routes require the server's API key")
         if engine_client is None:
             return
         vllm_config = engine_client.vllm_config
