@@ -44,6 +44,25 @@ def test_a_bad_setting_fails_when_the_app_is_built():
         prepare_llm_config(_config(additional_config={"elastic_ft": {"deadline_s": -1}}))
     with pytest.raises(ElasticFTConfigError, match="no_such_key"):
         prepare_llm_config(_config(additional_config={"elastic_ft": {"no_such_key": 1}}))
+    with pytest.raises(ElasticFTConfigError, match=r"deadline_s must be a finite number.*got nan"):
+        prepare_llm_config(_config(additional_config={"elastic_ft": {"deadline_s": float("nan")}}))
+
+
+def test_min_live_ranks_above_the_gang_size_fails_when_the_app_is_built():
+    with pytest.raises(ElasticFTConfigError) as err:
+        prepare_llm_config(_config(additional_config={"elastic_ft": {"min_live_ranks": 3}}))
+    for fragment in ["elastic_ft.min_live_ranks (3)", "data_parallel_size (2)"]:
+        assert fragment in str(err.value)
+    # Equal to the gang size: accepted (any lost rank is FAILED, never a smaller gang).
+    prepared = prepare_llm_config(_config(additional_config={"elastic_ft": {"min_live_ranks": 2}}))
+    assert prepared.engine_kwargs["additional_config"]["elastic_ft"]["min_live_ranks"] == 2
+    # No data_parallel_size in engine_kwargs: Ray's DP size is 1.
+    single = LLMConfig(model_loading_config={"model_id": "m", "model_source": "/tmp/m"},
+                       accelerator_config={"kind": "cpu"},
+                       engine_kwargs={"additional_config": {"elastic_ft": {"min_live_ranks": 2}}})
+    with pytest.raises(ElasticFTConfigError,
+                       match=r"min_live_ranks \(2\).*data_parallel_size \(1\)"):
+        prepare_llm_config(single)
 
 
 def test_router_skips_replicas_of_gangs_that_do_not_serve():

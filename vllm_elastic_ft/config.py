@@ -13,13 +13,16 @@ every vLLM process the same way, whatever the door:
 engine-core and worker process; each process re-validates it with
 :func:`ElasticFTConfig.from_additional_config`. Validation runs in the front
 end before any model loads (see ``vllm/patches/api_server/engine_args.py``) and raises
-:class:`ElasticFTConfigError` naming the key and the accepted values.
+:class:`ElasticFTConfigError` naming the key and the accepted values; the front end
+then checks the settings that depend on the deployment's size
+(:meth:`ElasticFTConfig.check_for_world`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -191,9 +194,56 @@ class ElasticFTConfig:
                 f"{CONFIG_KEY}.heartbeat_stale_s ({self.heartbeat_stale_s}) must be greater "
                 f"than {CONFIG_KEY}.heartbeat_interval_s ({self.heartbeat_interval_s})"
             )
+        # A missed deadline is judged from the peers' heartbeats, published once per
+        # heartbeat period (their call counts lag by up to one period): a deadline not
+        # longer than that period is missed before the heartbeats can show which rank
+        # is behind, so healthy peers would look late.
+        if self.deadline_s <= self.heartbeat_interval_s:
+            raise ElasticFTConfigError(
+                f"{CONFIG_KEY}.deadline_s ({self.deadline_s}) must be greater than "
+                f"{CONFIG_KEY}.heartbeat_interval_s ({self.heartbeat_interval_s}): a deadline "
+                f"not longer than the heartbeat period cannot be watched"
+            )
+        if self.warmup_deadline_s != 0 and self.warmup_deadline_s <= self.heartbeat_interval_s:
+            raise ElasticFTConfigError(
+                f"{CONFIG_KEY}.warmup_deadline_s ({self.warmup_deadline_s}) must be 0 (no "
+                f"deadline) or greater than {CONFIG_KEY}.heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}): a deadline not longer than the heartbeat "
+                f"period cannot be watched"
+            )
+        # The first rank at a new epoch waits up to join_window_s for the survivors it
+        # expects before it publishes the members; the others wait for that at most
+        # rebuild_budget_s (group/membership.py agree). With a budget not longer than the
+        # window, a rebuild whose expected survivor never registers times out before the
+        # members are published: the rebuild fails instead of going on without it.
+        if self.rebuild_budget_s <= self.join_window_s:
+            raise ElasticFTConfigError(
+                f"{CONFIG_KEY}.rebuild_budget_s ({self.rebuild_budget_s}) must be greater "
+                f"than {CONFIG_KEY}.join_window_s ({self.join_window_s}): an agreement's "
+                f"join window must fit inside the rebuild budget"
+            )
         if self.store and not _is_host_port(self.store):
             raise ElasticFTConfigError(
                 f"{CONFIG_KEY}.store must be 'host:port' or empty, got {self.store!r}"
+            )
+
+    def check_for_world(self, data_parallel_size: int) -> None:
+        """Checks against the deployment's DP size, which the config alone does not know.
+
+        Called by the front end (API server, Ray Serve builder) once the DP size is
+        known and before any engine starts.
+
+        Raises:
+            ElasticFTConfigError: ``min_live_ranks`` greater than ``data_parallel_size``.
+        """
+        # A group never has more live ranks than DP ranks: with a larger minimum its
+        # first fault (or a rank's rejoin) would end it FAILED instead of a rebuild,
+        # long after start-up. Equal is accepted: "never serve with a rank missing".
+        if self.min_live_ranks > data_parallel_size:
+            raise ElasticFTConfigError(
+                f"{CONFIG_KEY}.min_live_ranks ({self.min_live_ranks}) must be at most "
+                f"data_parallel_size ({data_parallel_size}): the group can never have more "
+                f"live ranks than it has DP ranks"
             )
 
     @classmethod
@@ -228,6 +278,7 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
     """Check one value against its field's type and limits; return it normalised."""
     name = f"{CONFIG_KEY}.{f.name}"
     kind = type(f.default)
+    low, high = f.metadata.get("min"), f.metadata.get("max")
     # bool is a subclass of int: check it first and strictly.
     if kind is bool:
         if not isinstance(value, bool):
@@ -237,7 +288,19 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ElasticFTConfigError(f"{name} must be a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float is out of any range
+            raise ElasticFTConfigError(
+                f"{name} must be a finite number in [{low}, {high}], got {value!r}"
+            ) from None
+        # NaN compares False with both limits, so the range check below would let it
+        # through (and every deadline compared with it would never fire): refuse
+        # NaN and +/-inf here, whatever the limits.
+        if not math.isfinite(value):
+            raise ElasticFTConfigError(
+                f"{name} must be a finite number in [{low}, {high}], got {value!r}"
+            )
     elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ElasticFTConfigError(f"{name} must be an integer, got {value!r}")
@@ -249,7 +312,6 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
         raise ElasticFTConfigError(
             f"{name} must be one of {list(choices)}, got {value!r}"
         )
-    low, high = f.metadata.get("min"), f.metadata.get("max")
     if low is not None and value < low or high is not None and value > high:
         raise ElasticFTConfigError(
             f"{name} must be in [{low}, {high}], got {value!r}"

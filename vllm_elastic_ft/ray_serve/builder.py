@@ -2,8 +2,9 @@
 
 ``build_elastic_dp_deployment(llm_config)`` is ``ray.serve.llm.build_dp_deployment``
 with the plugin switched on: it checks ``engine_kwargs["additional_config"]
-["elastic_ft"]`` (the same ``ElasticFTConfig`` as ``vllm serve``; a bad key
-fails here, before any replica starts), adds ``VLLM_PLUGINS=elastic_ft`` to the
+["elastic_ft"]`` (the same ``ElasticFTConfig`` as ``vllm serve``; a bad key, or
+a ``min_live_ranks`` above ``engine_kwargs["data_parallel_size"]``, fails here,
+before any replica starts), adds ``VLLM_PLUGINS=elastic_ft`` to the
 replicas' ``runtime_env``, routes with :class:`.router.GangAwareRequestRouter`
 (routing stats every ``routing_stats_period_s``), and uses
 :class:`.server.ElasticDPServer` as the deployment class. Gang scheduling,
@@ -26,6 +27,9 @@ def prepare_llm_config(llm_config, routing_stats_period_s: float = 0.5):
     config = copy.deepcopy(llm_config)
     additional = dict(config.engine_kwargs.get("additional_config") or {})
     ft = ElasticFTConfig.from_additional_config(additional)  # raises, naming the bad key
+    # The gang size is known here and nowhere in the config: a min_live_ranks above it
+    # is refused now, not at the gang's first fault.
+    ft.check_for_world(config.engine_kwargs.get("data_parallel_size", 1))
     if not ft.enabled:
         return config
     additional[CONFIG_KEY] = ft.to_dict()

@@ -7,7 +7,8 @@ vLLM 0.32 has no plugin flag hook, but it loads general plugins inside
 folds those flags into ``additional_config["elastic_ft"]`` (the carrier that
 reaches every engine process and that Ray Serve ``engine_kwargs`` uses), and
 ``EngineArgs.create_engine_config`` validates the result before any config is
-built or any model is loaded.
+built or any model is loaded, and checks it against the DP size of the config it
+built (``ElasticFTConfig.check_for_world``) before any engine is spawned.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ CREATE_ENGINE_CONFIG = PatchSpec(
     target=f"{_MODULE}:EngineArgs.create_engine_config",
     why="additional_config is an opaque dict: vLLM never validates a plugin's keys.",
     how="Validate additional_config['elastic_ft'] first; a bad key stops start-up "
-    "before any model loads. With DP>1, host the watchdog store before engines spawn.",
+    "before any model loads. Check it against the built config's data_parallel_size "
+    "(min_live_ranks). With DP>1, host the watchdog store before engines spawn.",
     upstream="none",
     remove_when="never (plugin-owned validation).",
     params=("self",),
@@ -126,6 +128,10 @@ def _make_create_engine_config(original: Callable[..., Any]) -> Callable[..., An
         config = ElasticFTConfig.from_additional_config(self.additional_config)
         logger.info("vllm-elastic-ft config: %s", config.to_json())
         engine_config = original(self, *args, **kwargs)
+        # The DP size of the built config, not self.data_parallel_size: vLLM may set it
+        # otherwise (offline SPMD takes it from VLLM_DP_SIZE). Still before any engine
+        # is spawned, so a min_live_ranks the group can never reach stops start-up here.
+        config.check_for_world(engine_config.parallel_config.data_parallel_size)
         # The engine-core and worker processes spawned after this inherit it.
         export_config(config)
         # Engine processes are spawned after this: host the watchdog store now
