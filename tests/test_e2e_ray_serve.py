@@ -2,14 +2,19 @@
 
 One Ray start-up for the file: two gangs (DP groups) of DP=2 with EP, tiny MoE,
 behind Ray Serve LLM's OpenAI ingress, built with ``build_elastic_dp_openai_app``.
-Clients never retry here: any failed request is a client error.
+Clients never retry here: any failed request is a client error. In order:
 
 1. SIGKILL of rank 1's worker in gang A under load: gang A fences and heals in
    place (its rank 0 keeps its engine and serves again), the dead rank's replica
-   leaves routing and forwards what reaches it, gang B keeps serving; no client
-   error, and Ray does not restart gang A.
-2. An unrecoverable state (gang A's last rank killed): its ``check_health`` fails,
-   Ray restarts gang A (new gang id), gang B serves meanwhile; no client error.
+   forwards what reaches it, then starts a new engine and rejoins: gang A is back
+   to two ranks and vLLM's expert layout, and Ray restarted nothing.
+2. Gang A's rank 0 worker killed while 32 requests run (streams, chat and
+   completions): rank 0 heals in place like any other rank, its streams continue
+   elsewhere with the no-fault text, and it rejoins.
+3. A rank lost while idle: the gang heals, is not restarted past its rebuild budget,
+   rejoins, and serves.
+4. An unrecoverable state (both of gang A's workers killed at once): Ray restarts gang
+   A (new gang id), gang B serves meanwhile; no client error.
 """
 
 import json
@@ -27,6 +32,7 @@ from ray.serve.llm import LLMConfig  # noqa: E402
 from vllm_elastic_ft import faults  # noqa: E402
 from vllm_elastic_ft.comm import keys  # noqa: E402
 from vllm_elastic_ft.comm.store import connect_store  # noqa: E402
+from vllm_elastic_ft.group.fencing import current_epoch  # noqa: E402
 from vllm_elastic_ft.loadgen import run_load  # noqa: E402
 from vllm_elastic_ft.ray_serve import build_elastic_dp_openai_app  # noqa: E402
 from vllm_elastic_ft.ray_serve.drill import (  # noqa: E402
@@ -105,25 +111,39 @@ def test_a_killed_rank_heals_in_place_and_clients_see_no_error(two_gangs):
     assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
     # Healed in place, not restarted: the same two gangs are registered.
     assert set(gang_stores()) == set(gangs)
+    _assert_back_to_full_width(store, survivor_pids={0: _worker_pid(store_a, 0, epoch=1)})
+    assert set(gang_stores()) == set(gangs), "rejoined in place, not restarted"
     after: list = []
     _load(after, 12).join(timeout=300)
     assert after[0].failed == 0
 
 
-def test_an_unrecoverable_gang_is_restarted_by_ray_while_the_other_serves(two_gangs):
-    gangs = gang_stores()
-    gang_a, store_a = sorted(gangs.items())[0]
-    last = _worker_pid(store_a, 0, epoch=1)
-    results: list = []
-    load = _load(results, 40)
-    time.sleep(2)
-    faults.signal_process("kill", last, 0)
-    # Ray replaces gang A (a new gang id registers its store); gang B serves meanwhile.
-    _wait(lambda: len(set(gang_stores()) - set(gangs)) == 1, 900, "Ray to restart gang A")
-    load.join(timeout=900)
-    summary = results[0]
-    assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
-    _wait(serves, 300, "the app to serve after the restart")
+def _assert_back_to_full_width(store, survivor_pids: dict[int, int], world: int = 2,
+                               timeout_s: float = 400.0) -> int:
+    """The gang rejoined its lost rank in place: a later epoch serves with every rank and
+    vLLM's expert layout (8 experts, rank r holds 4r..4r+3), the survivors are the same
+    processes. Returns that epoch."""
+    def whole():
+        epoch = current_epoch(store, "dp")
+        if not store.check([keys.members("dp", epoch), keys.serving("dp", epoch)]):
+            return None
+        members = json.loads(store.get(keys.members("dp", epoch)))
+        return (epoch, members) if members["members"] == list(range(world)) else None
+
+    epoch, members = _wait(whole, timeout_s, "the gang to rejoin its lost rank")
+    assert {int(r): sorted(e) for r, e in members["placement"].items()} == \
+        {r: list(range(4 * r, 4 * r + 4)) for r in range(world)}, members["placement"]
+    for rank, pid in survivor_pids.items():
+        assert _worker_pid_at(store, rank, epoch) == pid, f"rank {rank} is the same process"
+    return epoch
+
+
+def _worker_pid_at(store, rank: int, epoch: int) -> int:
+    """The worker pid of stable rank ``rank`` at ``epoch`` (heartbeats are keyed by the
+    epoch's group rank: the rank's index in that epoch's members)."""
+    members = json.loads(store.get(keys.members("dp", epoch)))["members"]
+    beat = store.get(keys.heartbeat("dp", epoch, members.index(rank)))
+    return RankStatus.decode(beat).pid
 
 
 def _a_whole_gang(timeout_s: float = 600.0) -> tuple[str, str]:
@@ -165,7 +185,114 @@ def test_a_gang_that_healed_while_idle_is_not_restarted_after_its_budget(two_gan
     period_s = two_gangs.deployment_config["health_check_period_s"]
     time.sleep(budget_s + 3 * period_s + 4)  # no traffic at all meanwhile
     assert set(gang_stores()) == set(gangs), "Ray restarted a gang that had healed"
-    assert _worker_pid(address, 0, epoch=1) == survivor, "the survivor is the same process"
+    _assert_back_to_full_width(store, survivor_pids={0: survivor})
+    assert set(gang_stores()) == set(gangs), "rejoined in place, not restarted"
     after: list = []
     _load(after, 8).join(timeout=300)
     assert after[0].failed == 0 and after[0].ok == 8
+
+
+def _openai_text(client, kind: str, prompt: str, stream: bool, max_tokens: int,
+                 progress: list | None = None) -> str:
+    """One greedy request through the official OpenAI client (no retries: max_retries=0)."""
+    common = dict(model="tiny-moe", max_tokens=max_tokens, temperature=0.0, stream=stream,
+                  extra_body={"ignore_eos": True})
+    if kind == "chat":
+        answer = client.chat.completions.create(
+            messages=[{"role": "user", "content": prompt}], **common)
+        pieces = (c.choices[0].delta.content or "" for c in answer if c.choices) if stream \
+            else [answer.choices[0].message.content]
+    else:
+        answer = client.completions.create(prompt=prompt, **common)
+        pieces = (c.choices[0].text for c in answer if c.choices) if stream \
+            else [answer.choices[0].text]
+    text = ""
+    for piece in pieces:
+        text += piece
+        if progress is not None:
+            progress.append(1)
+    return text
+
+
+def _counter(store, key: str) -> int:
+    return int(store.get(key)) if store.check([key]) else 0
+
+
+#: Mid-stream: chat and completions, streaming and plain. 24 streams over the app's four
+#: replicas put streams on the victim's replica except with probability (3/4)^24 < 0.1%.
+_MID_STREAM_KINDS = [("completions", True), ("chat", True), ("completions", False),
+                     ("chat", True), ("completions", True), ("chat", False),
+                     ("completions", True), ("chat", True)]
+
+
+def test_requests_on_a_lost_rank_0_finish_elsewhere_with_the_reference_text(two_gangs):
+    """Issue 11: a whole gang's rank 0 worker is killed while 32 requests run (24 of them
+    streams, chat and completions, every stream mid-way). Rank 0 heals in place like any other
+    rank (its replica, which hosts the gang's store and vLLM's DP coordinator, stays up); its
+    streams continue on a serving replica after the tokens their clients have, its plain
+    requests are sent again whole; every text equals the no-fault greedy text and the client
+    (OpenAI's, max_retries=0) sees no error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0, timeout=300)
+    cases = [(*_MID_STREAM_KINDS[i % 8], f"{PROMPTS[i % len(PROMPTS)]} {i}") for i in range(32)]
+    gangs = gang_stores()
+    gang, address = sorted(gangs.items())[0]  # gang A, whole again since it rejoined
+    store = connect_store(address)
+    epoch = current_epoch(store, "dp")
+    continued_before = _counter(store, keys.serve_continued(0))
+    with ThreadPoolExecutor(8) as pool:  # the no-fault texts (greedy: batching does not matter)
+        reference = dict(enumerate(pool.map(
+            lambda case: _openai_text(client, case[0], case[2], False, 160), cases)))
+    survivor, victim = _worker_pid_at(store, 1, epoch), _worker_pid_at(store, 0, epoch)
+    texts, errors = {}, {}
+    progress = {i: [] for i, case in enumerate(cases) if case[1]}
+
+    def run(i: int) -> None:
+        kind, stream, prompt = cases[i]
+        try:
+            texts[i] = _openai_text(client, kind, prompt, stream, 160, progress.get(i))
+        except Exception as err:  # every exception is a client error: nothing retries
+            errors[i] = repr(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    _wait(lambda: all(len(p) >= 3 for p in progress.values()), 120,
+          "every stream to be under way")
+    faults.signal_process("kill", victim, 0)
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert texts == reference, {i: (texts.get(i), reference[i]) for i in reference
+                                if texts.get(i) != reference[i]}
+    store = connect_store(address)
+    healed = epoch + 1
+    assert store.check([keys.serving("dp", healed)]), "rank 0's gang healed in place"
+    assert json.loads(store.get(keys.members("dp", healed)))["members"] == [1]
+    assert _counter(store, keys.serve_continued(0)) > continued_before, \
+        "no stream was running on the lost rank: the case did not happen"
+    assert set(gang_stores()) == set(gangs), "healed in place, not restarted"
+    _assert_back_to_full_width(store, survivor_pids={1: survivor})
+    assert set(gang_stores()) == set(gangs), "rank 0 rejoined in place, not restarted"
+
+
+def test_an_unrecoverable_gang_is_restarted_by_ray_while_the_other_serves(two_gangs):
+    gangs = gang_stores()
+    gang_a, store_a = sorted(gangs.items())[0]
+    store = connect_store(store_a)
+    epoch = current_epoch(store, "dp")
+    workers = [_worker_pid_at(store, r, epoch) for r in (0, 1)]
+    results: list = []
+    load = _load(results, 40)
+    time.sleep(2)
+    for rank, pid in enumerate(workers):  # no survivor: nothing can heal in place
+        faults.signal_process("kill", pid, rank)
+    # Ray replaces gang A (a new gang id registers its store); gang B serves meanwhile.
+    _wait(lambda: len(set(gang_stores()) - set(gangs)) == 1, 900, "Ray to restart gang A")
+    load.join(timeout=900)
+    summary = results[0]
+    assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
+    _wait(serves, 300, "the app to serve after the restart")

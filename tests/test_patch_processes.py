@@ -155,7 +155,7 @@ def test_the_names_are_the_ones_vllm_and_the_replacement_give():
     # A replacement rank runs vLLM's engine core in a process named like vLLM's; it
     # loads the plugin before vLLM does, so it gets engine-core patches (and its
     # worker, started by vLLM's executor, worker patches).
-    assert 'name=f"EngineCore_DP{rank}"' in inspect.getsource(replacement.launch_engine)
+    assert 'name=f"EngineCore_DP{rank}"' in inspect.getsource(replacement.start_engine)
     assert pr.role_from_process_name(f"EngineCore_DP{3}") == "engine_core"
 
 

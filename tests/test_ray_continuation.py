@@ -52,9 +52,8 @@ def test_a_completions_stream_continues_after_the_tokens_the_client_has():
 def test_a_chat_stream_continues_as_chat_chunks_from_its_templated_prompt_ids():
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                     max_completion_tokens=6, stream=True, temperature=0.0)
-    assert StreamContinuation.start(request.model_copy(), "chat") is None, "not yet continued"
-    tracker = StreamContinuation(request, "chat")  # the chat-shaped adaptation, kept
-    request.return_token_ids = True
+    tracker = StreamContinuation.start(request, "chat")
+    assert tracker is not None and request.return_token_ids is True
     role = _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 9,
                  "model": "m", "prompt_token_ids": [11, 12, 13],
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -89,3 +88,64 @@ def test_a_client_that_asked_for_token_ids_keeps_them():
     tracker = StreamContinuation.start(request, "completions")
     shown, _ = tracker.observe(_chunk("a", [5], prompt_ids=[1]))
     assert json.loads(shown[6:])["choices"][0]["token_ids"] == [5]
+
+
+def _tiny_tokenizer():
+    from vllm.tokenizers import get_tokenizer
+
+    from vllm_elastic_ft.testing.tiny_moe import build_tiny_moe
+
+    return get_tokenizer(str(build_tiny_moe()))
+
+
+def _engine_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """What vLLM's front end streams for ``ids`` after ``prompt_ids`` (all deltas joined)."""
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer.from_new_request(tokenizer, SimpleNamespace(
+        request_id="r", prompt_token_ids=prompt_ids, sampling_params=SamplingParams()))
+    text = ""
+    for i, token in enumerate(ids):
+        detok.update([token], stop_terminated=False)
+        text += detok.get_next_output_text(i == len(ids) - 1, delta=True)
+    return text
+
+
+def test_a_continued_stream_has_the_no_fault_text_when_the_cut_is_inside_a_character():
+    """The CI failure of stop 14: the continuation's prompt ended in the middle of a multi-byte
+    character, and the serving engine's first chunk held the whole prompt decoded. The
+    tracker re-detokenizes with vLLM's detokenizer over the original prompt: the client's
+    text is the no-fault text (what the engine would have streamed without the fault)."""
+    tokenizer = _tiny_tokenizer()
+    prompt_ids = tokenizer.encode("user: The quick brown fox\nassistant:")
+    # Byte tokens that are not valid UTF-8 on their own (what a random model emits).
+    generated = [226, 99, 47, 171, 255, 264, 311, 255, 226, 413, 369, 450]
+    reference = _engine_text(tokenizer, prompt_ids, generated)
+    # The bug, as vLLM has it: a detokenizer primed with prompt + the first 4 tokens.
+    buggy = _engine_text(tokenizer, prompt_ids + generated[:4], generated[4:])
+    assert not reference.startswith("user:") and buggy.startswith("user:"), (reference, buggy)
+
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                    max_completion_tokens=12, stream=True, temperature=0.0)
+    tracker = StreamContinuation.start(request, "chat", tokenizer)
+    streamed = _engine_text(tokenizer, prompt_ids, generated[:4])
+    role = _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 9,
+                 "model": "m", "prompt_token_ids": prompt_ids,
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                              "finish_reason": None}]})
+    first = _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 9,
+                  "model": "m", "choices": [{"index": 0, "delta": {"content": streamed},
+                                             "token_ids": generated[:4],
+                                             "finish_reason": None}]})
+    tracker.observe([role, first])
+    cont = tracker.request()
+    assert cont.prompt == prompt_ids + generated[:4] and cont.max_tokens == 8
+    # The serving engine's chunks, with the text its (mis-primed) detokenizer wrote.
+    rest = generated[4:]
+    chunks = [_chunk(buggy if i == 0 else "", [t], finish="length" if i == len(rest) - 1
+                     else None) for i, t in enumerate(rest)]
+    texts = [json.loads(tracker.adapt(c)[6:])["choices"][0]["delta"]["content"] for c in chunks]
+    assert streamed + "".join(texts) == reference

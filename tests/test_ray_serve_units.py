@@ -125,6 +125,7 @@ def _replica(state: GroupState, rank: int = 1, since_s_ago: float = 0.0, live=(0
     replica._ft_gang, replica._ft_rank = "gang-a", rank
     replica.engine = None
     replica.engine_checked = []
+    replica._ft_forwarding, replica._ft_drain_started = 0, None
 
     async def engine_check():  # stands for DPServer.check_health (the engine's own check)
         replica.engine_checked.append(True)
@@ -175,6 +176,20 @@ def test_a_rebuilt_gang_that_saw_no_traffic_never_ages_into_a_restart(engine_che
     assert _healthy(_replica(GroupState.HEALTHY, rank=1, live=(0,), engine_healthy=False))
     # A dead engine the gang did not heal around: Ray's gang restart.
     assert not _healthy(_replica(GroupState.HEALTHY, rank=1, live=(0, 1), engine_healthy=False))
+
+
+def test_a_gang_restart_waits_for_the_requests_a_dead_replica_still_forwards(engine_check):
+    """A replica whose engine died (nothing healed around it) streams the requests it sent to
+    another gang through itself: Ray's gang restart would cut them. Its health check waits
+    while they run, for at most rebuild_budget_s, then asks for the restart."""
+    replica = _replica(GroupState.HEALTHY, rank=1, live=(0, 1), engine_healthy=False,
+                       rebuild_budget_s=20.0)
+    replica._ft_forwarding = 2
+    assert _healthy(replica), "two forwarded streams are still running"
+    replica._ft_drain_started -= 21.0  # the budget is spent
+    assert not _healthy(replica)
+    replica._ft_forwarding, replica._ft_drain_started = 0, None
+    assert not _healthy(replica), "nothing in flight: the restart at once"
 
 
 def test_with_rebuild_off_a_fenced_gang_asks_for_its_restart_at_once(engine_check):

@@ -141,6 +141,26 @@ class ElasticFTConfig:
         "'slow' reports that fence the group (fewer leave it SUSPECT, still serving).",
         min=1, max=1000,
     )
+    # Ray Serve rejoin (ray_serve/rejoin.py): a lost rank comes back in place.
+    rejoin: bool = _setting(
+        True,
+        "Ray Serve: the replica of a lost rank starts a new engine for it and has the gang "
+        "admit it at a new epoch (in place, no gang restart). false: the gang serves "
+        "without that rank until Ray restarts the gang. (vllm serve: POST "
+        "/elastic_ft/replace.)",
+    )
+    rejoin_attempts: int = _setting(
+        3,
+        "Ray Serve: rejoin attempts per lost rank; after a failed attempt the gang goes on "
+        "serving without it.",
+        min=0, max=100,
+    )
+    rejoin_timeout_s: float = _setting(
+        300.0,
+        "Ray Serve: one rejoin attempt (engine start-up, model load, admission) gives up "
+        "after this many seconds.",
+        min=1.0, max=3600.0,
+    )
     fault_injection: bool = _setting(
         False,
         "Let drills and tests inject faults through the store (a per-call delay for a "

@@ -30,6 +30,11 @@ the engine cores' DP sync)::
     eft/<g>/inject/rebuild_delay       fault injection: hold inside a rebuild
     eft/serve/rank<r>/completed        Ray Serve: requests rank r completed
     eft/serve/rank<r>/continued        Ray Serve: streams rank r continued elsewhere
+    eft/serve/rank<r>/resent           Ray Serve: requests rank r sent again whole
+    eft/serve/coordinator              Ray Serve: the gang's DP coordinator addresses
+    eft/serve/admissions               Ray Serve: admissions posted (a counter)
+    eft/serve/admission/<n>            Ray Serve: admission n (rank, ticket)
+    eft/serve/admission/<n>/done/<r>   Ray Serve: rank r's part of admission n
 """
 
 from __future__ import annotations
@@ -108,7 +113,31 @@ def serve_completed(rank: int) -> str:
 
 
 def serve_continued(rank: int) -> str:
+    """Streams this rank's replica continued elsewhere after its rank was lost."""
     return f"{ROOT}/serve/rank{rank}/continued"
+
+
+def serve_resent(rank: int) -> str:
+    """Requests this rank's replica sent again whole (nothing had reached the client)."""
+    return f"{ROOT}/serve/rank{rank}/resent"
+
+
+def serve_coordinator() -> str:
+    """The addresses of the gang's vLLM DP coordinator (rank 0's replica runs it)."""
+    return f"{ROOT}/serve/coordinator"
+
+
+def serve_admissions() -> str:
+    """How many admissions were posted (``store.add`` counter; admission n is 1-based)."""
+    return f"{ROOT}/serve/admissions"
+
+
+def serve_admission(number: int) -> str:
+    return f"{ROOT}/serve/admission/{number}"
+
+
+def serve_admission_done(number: int, rank: int) -> str:
+    return f"{ROOT}/serve/admission/{number}/done/{rank}"
 
 
 def failed(group: str, epoch_: int) -> str:

@@ -287,8 +287,18 @@ class GroupMember:
         # heartbeat at the new epoch is what names it.
         self.watchdog.reconfigure(new.epoch, me, len(new.members))
         if self.experts is not None:
-            self.loaded_experts += self.experts.adopt(tuple(old.placement.get(self.id, ())),
-                                                      tuple(new.placement[self.id]))
+            try:
+                self.loaded_experts += self.experts.adopt(tuple(old.placement.get(self.id, ())),
+                                                          tuple(new.placement[self.id]))
+            except RankFaultError:
+                raise
+            except Exception as err:  # noqa: BLE001 - e.g. ExpertLoadError: no retry can help
+                # This rank cannot hold the experts the new epoch gives it (weights missing,
+                # a layer the loader does not support): the group cannot serve them, so it
+                # ends in FAILED with the reason — the orchestrator's restart — rather than
+                # an engine crash.
+                self.fail(f"epoch {new.epoch}: rank {self.id} cannot take experts "
+                          f"{list(new.placement[self.id])}: {type(err).__name__}: {err}")
         self.members = new
         try:
             self.transport.configure(new.epoch, me, len(new.members))
@@ -321,6 +331,9 @@ class GroupMember:
                 peer = next(r for r in new.members if r != self.id)
                 self.step = int(self.store.get(keys.admission_step(self.group, new.epoch, peer)))
             self._adopt(old or self.members, new)
+            # As after an idle rebuild: the new communicator's rendezvous took every member,
+            # so the epoch can serve (an idle group must not wait in READY for a request).
+            self.served()
             logger.warning("rank %d: %s rank %d at epoch %d, members %s, in %.3fs (computes "
                            "experts %s)", self.id, "joined as" if old is None else "admitted",
                            joiner, new.epoch, list(new.members), time.monotonic() - started,

@@ -20,7 +20,16 @@ sampling settings — and keeps streaming to its client.
 * :meth:`request` builds the continuation, always a token-id *completions*
   request (a chat request's prompt ids already hold its chat template);
 * :meth:`adapt` turns the continuation's chunks into the original stream's
-  shape: its id, model and creation time, and chat deltas for a chat request.
+  shape: its id, model and creation time, and chat deltas for a chat request;
+* the continuation's *text* is not the serving engine's: vLLM's detokenizer
+  primes itself with the prompt, and a continuation's prompt ends with the
+  tokens already generated — when those end inside a multi-byte character
+  (common with a random-weight model, possible with any byte-level BPE), its
+  first chunk holds the whole prompt decoded (vLLM 0.32 resets its decode
+  stream on an invalid prefix). So the tracker runs vLLM's own incremental
+  detokenizer (``IncrementalDetokenizer.from_new_request``) over the original
+  prompt and every generated token, exactly as the lost engine's front end
+  did, and the client's text is the no-fault text.
 
 Works on the SSE strings Ray Serve LLM streams (``data: {json}``, batched in
 lists), for requests with one choice (``n == 1``); others are not continued.
@@ -41,20 +50,20 @@ CARRIED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "sto
                   "include_stop_str_in_output", "stream_options", "user", "priority")
 _DONE = "[DONE]"
 
-#: Which streams are continued. Chat streams are not, yet: in one of three e2e runs a
-#: continued chat stream's text held the decoded chat prompt before the (restarted) reply,
-#: not understood yet; until it is, a chat stream on a lost rank ends in an error, as
-#: before (the chat-shaped adaptation below is kept and unit-tested for that follow-up).
-CONTINUED_KINDS = ("completions",)
+#: Which streams are continued: chat and completions (one choice each).
+CONTINUED_KINDS = ("chat", "completions")
 _ID_FIELDS = ("token_ids", "prompt_token_ids")
 
 
 class StreamContinuation:
     """The state of one streaming request that may have to continue elsewhere."""
 
-    def __init__(self, request: Any, kind: str):
+    def __init__(self, request: Any, kind: str, tokenizer: Any = None):
         self.kind = kind  # "chat" or "completions"
         self.original = request
+        #: vLLM's tokenizer of the model (None: texts pass through as the engine wrote them).
+        self.tokenizer = tokenizer
+        self._detokenizer = None  # built when the continuation starts
         self.client_wants_ids = bool(getattr(request, "return_token_ids", False))
         self.prompt_ids: list[int] | None = None
         self.generated: list[int] = []
@@ -62,7 +71,7 @@ class StreamContinuation:
         self.head: dict[str, Any] = {}  # id, model, created of the client's stream
 
     @classmethod
-    def start(cls, request: Any, kind: str) -> StreamContinuation | None:
+    def start(cls, request: Any, kind: str, tokenizer: Any = None) -> StreamContinuation | None:
         """Track ``request`` (and ask its engine for token ids), or None if it cannot be
         continued: not streaming, more than one choice, or a chat stream (see
         ``CONTINUED_KINDS``)."""
@@ -72,7 +81,7 @@ class StreamContinuation:
             return None
         if not hasattr(request, "return_token_ids"):
             return None
-        tracker = cls(request, kind)
+        tracker = cls(request, kind, tokenizer)
         request.return_token_ids = True
         return tracker
 
@@ -144,6 +153,7 @@ class StreamContinuation:
         payload = _payload(item)
         if payload is None or "error" in payload:
             return item
+        self._redetokenize(payload)  # before _record: primed with the tokens the client has
         self._record(payload)
         payload.update({k: v for k, v in self.head.items() if v is not None})
         if self.kind == "chat":
@@ -151,6 +161,46 @@ class StreamContinuation:
         if not self.client_wants_ids:
             return self._for_client(payload)
         return f"data: {json.dumps(payload)}\n\n"
+
+
+    def _redetokenize(self, payload: dict) -> None:
+        """Replace the continuation's text by what the lost engine's front end would have
+        streamed for these tokens (see the module docstring)."""
+        if self.tokenizer is None:
+            return
+        if self._detokenizer is None:
+            self._detokenizer = self._primed_detokenizer(self.generated)
+        for choice in payload.get("choices") or ():
+            finished = choice.get("finish_reason") is not None
+            # A stop token (not a stop string) ends the request: vLLM leaves its text out.
+            stop_token = choice.get("finish_reason") == "stop" and \
+                not isinstance(choice.get("stop_reason"), str)
+            self._detokenizer.update(list(choice.get("token_ids") or ()),
+                                     stop_terminated=stop_token)
+            choice["text"] = self._detokenizer.get_next_output_text(finished, delta=True)
+
+    def _primed_detokenizer(self, streamed: list[int]):
+        """vLLM's detokenizer for the original request, fed the tokens the client already
+        has (their text is the client's; it is read and dropped)."""
+        from types import SimpleNamespace
+
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+        original = self.original
+        params = SamplingParams(
+            skip_special_tokens=getattr(original, "skip_special_tokens", True),
+            spaces_between_special_tokens=getattr(original, "spaces_between_special_tokens",
+                                                  True),
+            stop=getattr(original, "stop", None) or None,
+            include_stop_str_in_output=getattr(original, "include_stop_str_in_output", False),
+            min_tokens=getattr(original, "min_tokens", 0) or 0)
+        request = SimpleNamespace(request_id="continuation", prompt_token_ids=self.prompt_ids,
+                                  sampling_params=params)
+        detokenizer = IncrementalDetokenizer.from_new_request(self.tokenizer, request)
+        detokenizer.update(list(streamed), stop_terminated=False)
+        detokenizer.get_next_output_text(False, delta=True)
+        return detokenizer
 
 
 def _payload(text: Any) -> dict | None:

@@ -87,6 +87,19 @@ def worker_pids() -> dict[int, list[int]]:
     return found
 
 
+def full_width_epoch(store, world: int = 2) -> int | None:
+    """The gang's current epoch if it is past the fault, serves, and has every rank again
+    (a lost rank rejoined in place); else None."""
+    from vllm_elastic_ft.group.fencing import current_epoch
+
+    epoch = current_epoch(store, "dp")
+    if epoch < 1 or not store.check([store_keys.members("dp", epoch),
+                                     store_keys.serving("dp", epoch)]):
+        return None
+    members = json.loads(store.get(store_keys.members("dp", epoch)))["members"]
+    return epoch if members == list(range(world)) else None
+
+
 def _rate(records, t0_mono: float, t1_mono: float) -> float | None:
     """Completed requests per second between two monotonic times (all gangs)."""
     if t1_mono <= t0_mono:
@@ -135,12 +148,15 @@ class _GangWatch:
         marks = {"fenced": store_keys.epoch("dp"), "members": store_keys.members("dp", 1),
                  "serving": store_keys.serving("dp", 1)}
         while not self._stop.wait(0.05):
-            for name, key in marks.items():
-                try:
+            try:
+                for name, key in marks.items():
                     if name not in self.first_seen and self.store_a.check([key]):
                         self.first_seen[name] = time.time()
-                except Exception:
-                    return
+                if "serving" in self.first_seen and "full_width" not in self.first_seen \
+                        and full_width_epoch(self.store_a) is not None:
+                    self.first_seen["full_width"] = time.time()
+            except Exception:
+                return
 
     def rate(self, column: int, t0: float, t1: float) -> float | None:
         window = [s for s in self.samples if t0 <= s[0] <= t1 and s[column] >= 0]
@@ -241,6 +257,15 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
             note(f"gang A did not come back: {err}")
         load.join(timeout=1800)
         load_end, load_end_mono = time.time(), time.monotonic()
+        full_width_at = back_at if mode != "in_engine" else None  # a restart is full width
+        if mode == "in_engine":
+            try:
+                full_width_at = _wait(lambda: watch.first_seen.get("full_width"), 600,
+                                      "gang A to rejoin its lost rank", 0.2)
+                note("gang A back to full width (rank 1 rejoined in place)", full_width_at)
+            except TimeoutError as err:
+                note(f"gang A did not return to full width: {err}")
+        restarted = (set(gang_stores()) != {gang_a, gang_b}) if not stock else True
         if watch is not None:
             watch.stop()
         summary = results[0]
@@ -301,6 +326,8 @@ def run_mode(mode: str, model: str, args: argparse.Namespace) -> dict:
         "outputs_match_reference": after == reference,
         "final_state": "HEALTHY" if back_at else "NOT_SERVING",
         "live_ranks": members if mode == "in_engine" else [0, 1],
+        "full_width_s": since(full_width_at),
+        "ray_restarted_anything": restarted,
         "per_gang": {
             "gang_b_rps_before": round(b_before, 3) if b_before else None,
             "gang_b_rps_after_fault": round(b_during, 3) if b_during else None,
@@ -334,9 +361,16 @@ def _idle_case(store_b, budget_s: float, health_period_s: float, note) -> dict:
     except TimeoutError as err:
         note(f"idle case: gang B did not heal: {err}")
     time.sleep(budget_s + 3 * health_period_s + 4)
+    full_width_at = None
     try:
-        now = RankStatus.decode(store_b.get(store_keys.heartbeat("dp", 1, 0))).pid
-    except Exception:  # gang B's store went away: Ray restarted the gang
+        full_width_at = _wait(lambda: full_width_epoch(store_b) is not None and time.time(),
+                              600, "gang B to rejoin its lost rank", 0.2)
+        note("idle case: gang B back to full width", full_width_at)
+        # The survivor's heartbeat at the full-width epoch (stable rank 0 is group rank 0).
+        now = RankStatus.decode(store_b.get(store_keys.heartbeat(
+            "dp", full_width_epoch(store_b), 0))).pid
+    except Exception as err:  # gang B's store went away (Ray restarted it), or no rejoin
+        note(f"idle case: gang B not back to full width ({type(err).__name__}: {err})")
         now = None
     restarted = set(gang_stores()) != gangs or now != survivor
     try:
@@ -346,6 +380,7 @@ def _idle_case(store_b, budget_s: float, health_period_s: float, note) -> dict:
     note(f"idle case: after {budget_s + 3 * health_period_s + 4:.0f}s idle, Ray restarted "
          f"{'a gang' if restarted else 'nothing'}; a request served: {served}")
     return {"healed_s": round(healed_at - killed_at, 3) if healed_at else None,
+            "full_width_s": round(full_width_at - killed_at, 3) if full_width_at else None,
             "ray_restarted_anything": restarted, "survivor_same_process": now == survivor,
             "served_after": served}
 
@@ -366,14 +401,14 @@ def run_ray_drill(args: argparse.Namespace, model: str) -> int:
         lines += [f"  {t:9.3f}s  {what}" for t, what in results[mode]["timeline"]]
     (out / "timeline.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"{'mode':<14}{'lost':>6}{'fence_s':>9}{'rebuild_s':>11}{'interruption_s':>16}"
-          f"{'gang B rps before':>19}{'after fault':>13}{'ratio':>7}")
+    print(f"{'mode':<14}{'errors':>7}{'fence_s':>9}{'rebuild_s':>11}{'interruption_s':>16}"
+          f"{'full_width_s':>14}{'gang B ratio':>14}{'Ray restarted':>15}")
     for mode in args.modes:
         r = results[mode]
-        g = r["per_gang"]
-        print(f"{mode:<14}{r['requests_lost']:>6}{str(r['fence_s']):>9}{str(r['rebuild_s']):>11}"
-              f"{str(r['interruption_s']):>16}{str(g['gang_b_rps_before']):>19}"
-              f"{str(g['gang_b_rps_after_fault']):>13}{str(g['gang_b_ratio']):>7}")
+        print(f"{mode:<14}{r['client_errors']:>7}{str(r['fence_s']):>9}"
+              f"{str(r['rebuild_s']):>11}{str(r['interruption_s']):>16}"
+              f"{str(r['full_width_s']):>14}{str(r['per_gang']['gang_b_ratio']):>14}"
+              f"{str(r['ray_restarted_anything']):>15}")
     for mode in args.modes:
         if results[mode].get("idle"):
             print(f"{mode} idle case: {results[mode]['idle']}")

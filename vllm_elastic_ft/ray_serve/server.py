@@ -37,6 +37,7 @@ from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
 from vllm_elastic_ft.comm import keys
+from vllm_elastic_ft.comm.store import without_secret
 from vllm_elastic_ft.config import CONFIG_KEY, ElasticFTConfig
 from vllm_elastic_ft.group.state_machine import GroupState
 from vllm_elastic_ft.logging_utils import get_logger
@@ -95,7 +96,7 @@ class ElasticDPServer(DPServer):
 
         os.environ[watchdog_store.STORE_ENV] = address  # inherited by the engine processes
         logger.info("gang %s rank %d/%d: watchdog store %s", self._ft_gang, self._ft_rank,
-                    self._ft_world, address)
+                    self._ft_world, without_secret(address))
         await super().__init__(llm_config, engine_cls=engine_cls,
                                model_downloader=model_downloader)
         from vllm_elastic_ft.comm.store import connect_store
@@ -107,6 +108,96 @@ class ElasticDPServer(DPServer):
         self._ft_group.follower.start()
         # Completed-request counts go to the store from one thread of their own.
         self._ft_counter = (connect_store(address), ThreadPoolExecutor(1, "elastic-ft-count"))
+        self._ft_store = connect_store(address)
+        self._ft_rejoins: list[dict] = []
+        self._ft_replacement = None
+        self._ft_coordinator = None
+        self._ft_forwarding = 0  # requests streaming through this replica to another one
+        self._ft_drain_started: float | None = None
+        if self._ft_config.in_engine_rebuild:
+            self._ft_start_rejoin()
+
+    # ----------------------------------------------------------- rejoin
+    def _ft_start_rejoin(self) -> None:
+        """Rejoin in place (``rejoin.py``): rank 0 keeps the gang's DP coordinator alive
+        past its engine, every replica takes part in admissions, and a lost one brings its
+        rank back (``rejoin``, up to ``rejoin_attempts``)."""
+        from vllm_elastic_ft.comm.store import connect_store
+        from vllm_elastic_ft.ray_serve.rejoin import AdmissionWatcher, publish_coordinator
+
+        llm = self._ft_llm()
+        if self._ft_rank == 0 and llm is not None:
+            self._ft_coordinator = publish_coordinator(self._ft_store, llm)
+        self._ft_watcher = AdmissionWatcher(
+            connect_store(self._ft_group.store_address), self._ft_rank,
+            lambda: None if self._ft_lost_here() else self._ft_llm(),
+            lambda: self._ft_rank in self._ft_view().live_ranks,
+            self._ft_config.rebuild_budget_s)
+        self._ft_watcher.start()
+        if self._ft_config.rejoin and self._ft_config.rejoin_attempts > 0:
+            self._ft_rejoin_task = asyncio.get_running_loop().create_task(self._ft_rejoin_loop())
+
+    async def __del__(self) -> None:
+        await super().__del__()
+        for owned in (getattr(self, "_ft_replacement", None),
+                      getattr(self, "_ft_coordinator", None)):
+            if owned is not None:  # the replacement's client, rank 0's DP coordinator
+                (owned.kill if hasattr(owned, "kill") else owned.shutdown)()
+
+    def _ft_llm(self):
+        """This replica's vLLM ``AsyncLLM`` (Ray's VLLMEngine keeps it privately)."""
+        return getattr(self.engine, "_engine_client", None) if self.engine else None
+
+    async def _ft_rejoin_loop(self) -> None:
+        attempts = 0
+        while attempts < self._ft_config.rejoin_attempts:
+            await asyncio.sleep(0.5)
+            view = self._ft_view()
+            # Lost, and the gang serves without this rank: bring it back.
+            if not (self._ft_excluded() and view.serving):
+                continue
+            attempts += 1
+            started = time.time()
+            try:
+                members = await asyncio.wait_for(self._ft_rejoin(),
+                                                 self._ft_config.rejoin_timeout_s)
+            except Exception as err:  # noqa: BLE001 - recorded; the gang serves without us
+                logger.exception("gang %s rank %d: rejoin attempt %d of %d failed", self._ft_gang,
+                                 self._ft_rank, attempts, self._ft_config.rejoin_attempts)
+                self._ft_rejoins.append({"t": started, "ok": False, "attempt": attempts,
+                                         "error": f"{type(err).__name__}: {err}"[:300]})
+                continue
+            took = time.time() - started
+            self._ft_rejoins.append({"t": started, "ok": True, "attempt": attempts,
+                                     "members": members, "rejoin_s": round(took, 3)})
+            logger.warning("gang %s rank %d: rejoined in place in %.1fs (members %s)",
+                           self._ft_gang, self._ft_rank, took, members)
+            attempts = 0  # a later loss of this rank gets its own attempts
+
+    async def _ft_rejoin(self) -> list[int]:
+        from vllm_elastic_ft.ray_serve.rejoin import admit_replacement, start_replacement
+
+        old_llm = self._ft_llm()
+        coordinator = json.loads(await asyncio.to_thread(self._ft_store.get,
+                                                         keys.serve_coordinator()))
+        logger.warning("gang %s rank %d: lost; starting a new engine to rejoin in place",
+                       self._ft_gang, self._ft_rank)
+        replacement = await asyncio.to_thread(start_replacement, old_llm, self._ft_rank,
+                                              coordinator)
+        try:
+            members = await admit_replacement(self._ft_store, replacement, self._ft_rank,
+                                              self._ft_world, self._ft_config.rebuild_budget_s)
+            engine = self._engine_cls(self._llm_config)
+            # Ray's own start-up of the OpenAI serving objects, on the engine client we
+            # built (VLLMEngine.start would otherwise launch an engine of its own).
+            engine._start_async_llm_engine = lambda *args, **kwargs: replacement.llm
+            await engine.start()
+        except BaseException:
+            await asyncio.to_thread(replacement.kill)
+            raise
+        self.engine, self._ft_replacement = engine, replacement
+        asyncio.get_running_loop().create_task(_retire(old_llm))
+        return members
 
     # ------------------------------------------------------------ state
     def _ft_view(self):
@@ -117,8 +208,13 @@ class ElasticDPServer(DPServer):
         return self._ft_rank not in self._ft_view().live_ranks
 
     def _ft_engine_dead(self) -> bool:
-        client = getattr(self.engine, "_engine_client", None) if self.engine else None
+        client = self._ft_llm()
         return bool(client is not None and getattr(client, "errored", False))
+
+    def _ft_tokenizer(self):
+        """vLLM's tokenizer of this replica's engine (a continuation's text is re-detokenized
+        with it), or None."""
+        return getattr(self._ft_llm(), "tokenizer", None)
 
     def _ft_lost_here(self) -> bool:
         """This replica cannot run requests: its rank was left out, or its engine died."""
@@ -130,7 +226,9 @@ class ElasticDPServer(DPServer):
     def elastic_ft_status(self) -> dict[str, Any]:
         """The gang as this replica sees it (``/elastic_ft/status`` of a vLLM server)."""
         status = self._ft_group.status()
-        status.update(gang_id=self._ft_gang, rank=self._ft_rank, serving_here=self._ft_serving())
+        status.update(gang_id=self._ft_gang, rank=self._ft_rank, serving_here=self._ft_serving(),
+                      rejoins=self._ft_rejoins[-10:],
+                      admissions=getattr(getattr(self, "_ft_watcher", None), "admitted", [])[-10:])
         return status
 
     # ----------------------------------------------------------- health
@@ -156,8 +254,26 @@ class ElasticDPServer(DPServer):
             # The gang goes on without this rank; this replica only forwards.
             return None
         # A dead engine the gang has not healed around (e.g. its last rank): raise, so
-        # Ray restarts the gang (the fallback).
-        return await super().check_health()
+        # Ray restarts the gang (the fallback) — once the requests this replica forwards
+        # to other gangs have finished (they stream through it: a restart now would cut
+        # them), for at most rebuild_budget_s.
+        try:
+            await super().check_health()
+        except Exception:
+            if self._ft_forwarding and self._ft_draining_since(time.monotonic()):
+                logger.warning("gang %s rank %d: engine dead; %d forwarded request(s) still "
+                               "streaming, the gang restart waits for them", self._ft_gang,
+                               self._ft_rank, self._ft_forwarding)
+                return None
+            raise
+        self._ft_drain_started = None
+        return None
+
+    def _ft_draining_since(self, now: float) -> bool:
+        """Whether the restart may still wait for forwarded requests (within the budget)."""
+        if self._ft_drain_started is None:
+            self._ft_drain_started = now
+        return now - self._ft_drain_started < self._ft_config.rebuild_budget_s
 
     # ---------------------------------------------------------- traffic
     async def record_routing_stats(self) -> dict[str, Any]:
@@ -177,7 +293,7 @@ class ElasticDPServer(DPServer):
     async def _ft_run(self, method: str, request, raw_request_info):
         if self._ft_lost_here():
             return self._ft_elsewhere(method, request, raw_request_info)
-        tracker = StreamContinuation.start(request, method)
+        tracker = StreamContinuation.start(request, method, self._ft_tokenizer())
         stream = await getattr(super(), method)(request, raw_request_info)
         return self._ft_or_elsewhere(stream, method, request, raw_request_info, tracker)
 
@@ -221,6 +337,7 @@ class ElasticDPServer(DPServer):
                 request.return_token_ids = tracker.client_wants_ids
             logger.warning("gang %s rank %d lost: re-sending a %s request to a serving "
                            "replica", self._ft_gang, self._ft_rank, method)
+            self._ft_count(keys.serve_resent(self._ft_rank))
             async for item in self._ft_elsewhere(method, request, raw_request_info):
                 yield item
             return
@@ -231,16 +348,19 @@ class ElasticDPServer(DPServer):
         logger.warning("gang %s rank %d lost: continuing a %s stream on a serving replica "
                        "after %d token(s)", self._ft_gang, self._ft_rank, method,
                        len(tracker.generated))
-        store, thread = self._ft_counter
-        thread.submit(store.add, keys.serve_continued(self._ft_rank), 1)
+        self._ft_count(keys.serve_continued(self._ft_rank))
         async for item in self._ft_elsewhere("completions", continuation, raw_request_info):
             yield tracker.adapt(item)
 
     def _ft_count_completed(self) -> None:
-        """Requests this rank completed, in the gang's store (``keys.serve_completed``):
-        per-gang throughput for operators and benchmarks. Off the event loop, fire and forget."""
+        """Requests this rank completed (``keys.serve_completed``): per-gang throughput for
+        operators and benchmarks."""
+        self._ft_count(keys.serve_completed(self._ft_rank))
+
+    def _ft_count(self, key: str) -> None:
+        """Add one to a counter in the gang's store, off the event loop (fire and forget)."""
         store, thread = self._ft_counter
-        thread.submit(store.add, keys.serve_completed(self._ft_rank), 1)
+        thread.submit(store.add, key, 1)
 
     async def _ft_wait_lost(self, settle_s: float = 2.0) -> bool:
         """Whether this rank was lost (the gang's agreement may lag the error briefly)."""
@@ -254,8 +374,32 @@ class ElasticDPServer(DPServer):
     async def _ft_elsewhere(self, method: str, request, raw_request_info):
         deployment, app = self._ft_deployment
         handle = serve.get_deployment_handle(deployment, app).options(stream=True)
-        async for item in getattr(handle, method).remote(request, raw_request_info):
-            yield item
+        self._ft_forwarding += 1
+        try:
+            async for item in getattr(handle, method).remote(request, raw_request_info):
+                yield item
+        finally:
+            self._ft_forwarding -= 1
+
+
+async def _retire(llm, drain_s: float = 60.0) -> None:
+    """Shut the lost engine's client down once its requests have ended. Not before: they
+    end when its output handler hands them the engine's death (``EngineDeadError``, which
+    sends them elsewhere); shutting the client down first cancels that handler, and they
+    would wait forever."""
+    if llm is None:
+        return
+    deadline = time.monotonic() + drain_s
+    while llm.output_processor.request_states and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    if llm.output_processor.request_states:
+        logger.warning("the lost engine's client still holds %d request(s) after %.0fs: left "
+                       "open", len(llm.output_processor.request_states), drain_s)
+        return
+    try:
+        llm.shutdown()  # on the event loop: it cancels the client's tasks
+    except Exception as err:  # noqa: BLE001 - it was replaced; nothing depends on it
+        logger.warning("shutting down the lost engine's client: %s", err)
 
 
 def _without_done(items: Any) -> Any:

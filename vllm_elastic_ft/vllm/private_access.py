@@ -193,6 +193,27 @@ THIRD_PARTY: tuple[PrivateAccess, ...] = (
         used_in="vllm_elastic_ft/ray_serve/server.py",
     ),
     PrivateAccess(
+        target=f"{_RAY_LLM}.engines.vllm.vllm_engine:VLLMEngine._start_async_llm_engine",
+        access="write",
+        why="A replica that rejoins in place builds its new engine client itself (connected to "
+        "a replacement engine and the gang's DP coordinator), then runs Ray's own "
+        "VLLMEngine.start on it for the OpenAI serving objects; start() has no parameter "
+        "for an engine client.",
+        used_in="vllm_elastic_ft/ray_serve/server.py",
+    ),
+    PrivateAccess(
+        target=f"{_RAY_LLM}.core.server.llm_server:LLMServer._engine_cls",
+        access="read",
+        why="The rejoining replica makes its new engine with the class Ray chose for it.",
+        used_in="vllm_elastic_ft/ray_serve/server.py",
+    ),
+    PrivateAccess(
+        target=f"{_RAY_LLM}.core.server.llm_server:LLMServer._llm_config",
+        access="read",
+        why="The same: the replica's LLMConfig (with its DP rank) for the new engine.",
+        used_in="vllm_elastic_ft/ray_serve/server.py",
+    ),
+    PrivateAccess(
         target=f"{_RAY_LLM}.core.configs.openai_api_models:to_model_metadata",
         access="call",
         why="The gang-aware app builds its ingress as Ray's build_openai_app does; the "

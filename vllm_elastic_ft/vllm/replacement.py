@@ -44,7 +44,8 @@ def replaced_rank() -> int | None:
 
 
 # ------------------------------------------------------------- engine process
-def run_engine_core(rank: int, engine_kwargs: dict[str, Any]) -> None:
+def run_engine_core(rank: int, engine_kwargs: dict[str, Any], local_rank: int | None = None
+                    ) -> None:
     """Process target of a replacement engine: mark it, load the plugin, run vLLM's engine."""
     os.environ[REPLACES_ENV] = str(rank)
     from vllm.plugins import load_general_plugins
@@ -52,7 +53,9 @@ def run_engine_core(rank: int, engine_kwargs: dict[str, Any]) -> None:
     load_general_plugins()  # the patches must be in before the engine builds its DP state
     from vllm.v1.engine.core import EngineCoreProc
 
-    EngineCoreProc.run_engine_core(dp_rank=rank, local_dp_rank=rank, **engine_kwargs)
+    EngineCoreProc.run_engine_core(dp_rank=rank,
+                                   local_dp_rank=rank if local_rank is None else local_rank,
+                                   **engine_kwargs)
 
 
 def engine_addresses(client):
@@ -72,7 +75,21 @@ def engine_addresses(client):
 
 
 def launch_engine(client, vllm_config, executor_class, log_stats: bool, rank: int):
-    """Start a replacement engine core for DP ``rank``; returns once it is loaded and warm.
+    """Start a replacement engine core for DP ``rank`` beside the API server's DP client
+    ``client``; returns once it is loaded and warm (see :func:`start_engine`)."""
+    import zmq
+
+    # The new engine connects with the lost one's routing id; without handover
+    # the client's ROUTER keeps routing it to a dead (or stuck) peer's pipe.
+    client.input_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    return start_engine(engine_addresses(client), vllm_config, executor_class, log_stats, rank)
+
+
+def start_engine(addresses, vllm_config, executor_class, log_stats: bool, rank: int,
+                 local_rank: int | None = None):
+    """Start a replacement engine core for DP ``rank`` that talks to the front end at
+    ``addresses`` (vLLM's ``EngineZmqAddresses``: its client's input/output sockets and the
+    DP coordinator's); returns its process once it is loaded and warm.
 
     Blocking (run it off the event loop). Raises RuntimeError if the process dies
     during start-up (vLLM's own start-up barrier watches it).
@@ -85,20 +102,17 @@ def launch_engine(client, vllm_config, executor_class, log_stats: bool, rank: in
 
     if vllm_config.parallel_config.tensor_parallel_size != 1:
         raise RuntimeError("replacing a DP rank supports tensor_parallel_size=1 only")
-    # The new engine connects with the lost one's routing id; without handover
-    # the client's ROUTER keeps routing it to a dead (or stuck) peer's pipe.
-    client.input_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
     handshake_address = get_open_zmq_ipc_path()
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_core, name=f"EngineCore_DP{rank}",
-        kwargs={"rank": rank, "engine_kwargs": {
-            "vllm_config": vllm_config, "local_client": True,
-            "handshake_address": handshake_address, "executor_class": executor_class,
-            "log_stats": log_stats}})
+        kwargs={"rank": rank, "local_rank": rank if local_rank is None else local_rank,
+                "engine_kwargs": {
+                    "vllm_config": vllm_config, "local_client": True,
+                    "handshake_address": handshake_address, "executor_class": executor_class,
+                    "log_stats": log_stats}})
     with zmq_socket_ctx(handshake_address, zmq.ROUTER, bind=True) as handshake_socket:
         process.start()
-        logger.warning("front end: replacement engine for DP rank %d started (pid %d)", rank,
-                       process.pid)
+        logger.warning("replacement engine for DP rank %d started (pid %d)", rank, process.pid)
         # vLLM's start-up barrier, for this one engine: it watches the process
         # list of a CoreEngineProcManager, so give it one holding just ours.
         manager = CoreEngineProcManager.__new__(CoreEngineProcManager)
@@ -107,7 +121,7 @@ def launch_engine(client, vllm_config, executor_class, log_stats: bool, rank: in
         parallel_config.data_parallel_size_local = 1
         wait_for_engine_startup(handshake_socket, [CoreEngine(index=rank)], parallel_config,
                                 False, vllm_config.cache_config,
-                                CoreEngineLaunch(manager, None, engine_addresses(client), None))
+                                CoreEngineLaunch(manager, None, addresses, None))
     return process
 
 
