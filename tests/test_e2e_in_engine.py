@@ -73,7 +73,12 @@ def test_dp4_ep_matches_dp1_and_shards_experts(dp4_server, reference_tokens):
 def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_tokens):
     engines_before = faults.find_rank_processes(dp4_server.proc.pid)
     victim = faults.rank_pid(dp4_server.proc.pid, 0, "worker")
+    # The no-fault tokens of the load's requests (greedy, ignore_eos, 32 tokens).
+    no_fault = {p: dp4_server.greedy_tokens(p, 32) for p in PROMPTS}
+    resubmitted_before = _resubmitted(dp4_server)
     results = []
+    # Only a 503 is retried: the design's refusal of new requests while the group is
+    # fenced (the retries are counted below); any other failure is a lost request.
     load = threading.Thread(target=lambda: results.append(run_load(
         dp4_server.url, PROMPTS, 32, 8, max_tokens=32, timeout_s=120, progress_every_s=None,
         retry_for_s=60)), daemon=True)
@@ -85,6 +90,10 @@ def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_t
     summary = results[0]
     # Every request completed; none was failed by the fault.
     assert summary.failed == 0 and summary.ok == 32, summary
+    print(f"503 refusals retried while fenced: {summary.retried}")
+    # Each request's tokens, the continued ones included, are the no-fault tokens.
+    wrong = [r.index for r in summary.records if r.token_ids != no_fault[r.prompt]]
+    assert not wrong, wrong
     # Detected within a second by a survivor, naming rank 0 dead.
     reports = [r for r in fault_reports(dp4_server.log_text()) if 0 in r["suspects"]]
     assert reports and reports[0]["kind"] == "dead", dp4_server.log_tail(60)
@@ -104,9 +113,16 @@ def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_t
     loaded = [int(e) for group in re.findall(r"loaded orphaned experts \[([\d, ]+)\]", log)
               for e in group.split(", ")]
     assert sorted(loaded) == [0, 1], loaded
-    assert "re-submitted" in log
+    # Rank 0 held requests at the kill (8 in flight over 4 ranks): they were continued.
+    assert _resubmitted(dp4_server) > resubmitted_before, status["recovery"]
     # Outputs after recovery equal the DP=1 reference.
     assert _greedy(dp4_server) == reference_tokens
+
+
+def _resubmitted(server: VLLMServer) -> int:
+    """Requests the front end re-submitted as continuations so far."""
+    recovery = server.get_json("/elastic_ft/status").get("recovery") or {}
+    return int(recovery.get("requests_resubmitted", 0))
 
 
 def _engine_successes(server: VLLMServer, engine: int) -> float:
@@ -157,7 +173,7 @@ def test_replacement_rank0_rejoins_under_load(dp4_server, reference_tokens):
 def test_second_fault_during_rebuild_ends_in_ready_or_failed(dp4_server, reference_tokens):
     status = dp4_server.get_json("/elastic_ft/status")
     epoch, survivors = status["epoch"], [r for r in status["live_ranks"] if r not in (2, 3)]
-    store = connect_store(status["watchdog"]["store"])
+    store = connect_store(dp4_server.store)
     faults.set_rebuild_delay(store, "dp", 1.5)
     first = faults.rank_pid(dp4_server.proc.pid, 3, "worker")
     second = faults.rank_pid(dp4_server.proc.pid, 2, "worker")

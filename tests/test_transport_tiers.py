@@ -300,3 +300,55 @@ def test_a_rank_fault_in_a_step_on_deepep_ends_in_failed(store):
         m.member.run_step(attempt)
     m.assert_fenced_and_failed(store, err.value, time.monotonic() - started)
     assert attempts == [False], "never redone on a group that cannot rebuild"
+
+
+def test_a_rebuilt_communicators_rendezvous_ends_within_the_rebuild_budget():
+    """Issue 12: a member that died between the agreement and the rendezvous of the new
+    communicator must not hold the survivors in ProcessGroupGloo's constructor for the first
+    epoch's long timeout (>= 120 s, past the rebuild budget): epoch > 0 uses the budget."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=30))
+    transport = GlooTransport(store, "dp", timedelta(seconds=120),
+                              rebuilt_timeout=timedelta(seconds=1.5))
+    started = time.monotonic()
+    with pytest.raises(Exception):  # rank 1 of epoch 1 never arrives
+        transport.configure(1, 0, 2)
+    waited = time.monotonic() - started
+    assert waited < 60, f"the rendezvous waited {waited:.1f}s: the first epoch's timeout"
+
+
+class _NoPeerTransport:
+    """A transport that rebuilds in place and talks to no peer (the core's view of one)."""
+
+    name = "no_peer"
+    recovery_tier = RecoveryTier.REBUILD_IN_PLACE
+
+    def configure(self, epoch: int, rank: int, world_size: int) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class _ExpertsThatCannotLoad(StubExperts):
+    def adopt(self, old, new) -> list[int]:
+        from vllm_elastic_ft.vllm.expert_loader import ExpertLoadError
+
+        raise ExpertLoadError("layer 0 expert 2: no weights in 'org/model' (a hub id, not a "
+                              "local directory)")
+
+
+def test_an_expert_load_that_cannot_be_done_ends_in_failed_with_the_reason(store):
+    """Issue 12: ExpertLoadError is not a rank fault; it used to crash the engine. Now the
+    group goes to FAILED (published for the orchestrator) with the reason."""
+    from vllm_elastic_ft.group.member import GroupMember, MemberOptions
+
+    member = GroupMember(0, 2, store, StubWatchdog(), _NoPeerTransport(),
+                         MemberOptions(report_wait_s=0.2, join_window_s=0.2), group="dp")
+    member.attach_experts(_ExpertsThatCannotLoad(), num_experts=4)
+    with pytest.raises(GroupFailedError) as err:
+        member.recover("rank 1 died")
+    assert "cannot take experts" in str(err.value) and "ExpertLoadError" in str(err.value)
+    assert member.controller.view.state is GroupState.FAILED
+    epoch = current_epoch(store, "dp")
+    assert "no weights" in store.get(keys.failed("dp", epoch)).decode()

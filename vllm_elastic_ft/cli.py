@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=faults.PROCESS_ROLES, default="worker",
                    help="which process of the rank (kill/stop/cont)")
     p.add_argument("--delay-s", type=float, default=0.5, help="slow: added delay per call")
-    p.add_argument("--store", help="slow: watchdog store host:port")
+    p.add_argument("--store", help="slow: the watchdog store as secret@host:port (the "
+                   "address the server was given, the secret in VLLM_ELASTIC_FT_STORE_SECRET)")
     p.add_argument("--group", default="dp", help="slow: group name in the store")
     p.set_defaults(func=cmd_fault)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -161,6 +162,14 @@ def _rejoin(deployment: Deployment, timeline: Timeline, rank: int, out: dict) ->
                  f"{answer['start_s']:.1f}s, pause+admit+resume {answer['admit_s']:.2f}s)")
 
 
+def _stale_rank_refused(log_text: str, rank: int) -> bool:
+    """Whether the faulty rank, back from its stop, refused to talk at its stale epoch: its
+    own FencedError line (``group/fencing.py``), with its epoch behind the group's."""
+    pattern = (rf"group dp rank {rank}: fenced out \(own epoch (\d+), group epoch (\d+)\); "
+               "refusing to communicate")
+    return any(int(own) < int(group) for own, group in re.findall(pattern, log_text))
+
+
 def _interruption_s(load: LoadSummary, fault_wall: float, t0_wall: float, t0_mono: float) -> float:
     """Longest gap between successful completions after the fault (0: none)."""
     fault_mono = t0_mono + (fault_wall - t0_wall)
@@ -238,7 +247,7 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
     try:
         reference = [deployment.server.greedy_tokens(p, REFERENCE_TOKENS) for p in PROMPTS]
         timeline.add(f"deployment ready in {startup_s:.0f}s; reference outputs taken")
-        store_address = ((deployment.status() or {}).get("watchdog") or {}).get("store")
+        store_address = deployment.server.store  # the harness chose it (status never shows it)
         if args.second_fault_rank is not None and store_address:
             # Hold the survivors inside their rebuild long enough for the second fault to land.
             faults.set_rebuild_delay(connect_store(store_address), "dp", args.rebuild_hold_s)
@@ -358,7 +367,8 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         "outputs_match_reference": after == reference,
         "final_state": final.get("state"), "final_epoch": final.get("epoch"),
         "live_ranks": final.get("live_ranks"), "expert_placement": final.get("expert_placement"),
-        "stale_rank_refused": ("fenced out" in log_text) if args.fault in ("stop", "slow") else None,
+        "stale_rank_refused": _stale_rank_refused(log_text, args.fault_rank)
+        if args.fault in ("stop", "slow") else None,
         "rejoin": ({"admitted": rejoin.get("admitted", False),
                     "admitted_s": since_fault(rejoin.get("admitted_at")),
                     "engine_start_s": rejoin.get("start_s"), "admission_s": rejoin.get("admit_s"),

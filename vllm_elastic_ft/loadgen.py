@@ -45,6 +45,11 @@ class LoadSummary:
         return len(self.records) - self.ok
 
     @property
+    def retried(self) -> int:
+        """Tries after the first, over all requests (only 503 refusals are retried)."""
+        return sum(r.attempts - 1 for r in self.records)
+
+    @property
     def output_tokens(self) -> int:
         return sum(r.output_tokens for r in self.records if r.ok)
 
@@ -90,9 +95,13 @@ def run_load(
 ) -> LoadSummary:
     """Send ``num_requests`` completions, ``concurrency`` at a time (closed loop).
 
-    ``retry_for_s`` > 0 plays an ingress that retries: a failed request (an
-    error status, a refused or dropped connection) is sent again every 0.25 s
-    until it succeeds or ``retry_for_s`` has passed since its first attempt.
+    ``retry_for_s`` > 0 plays an ingress that retries what the design says is
+    retriable, and only that: a request refused with 503 (the group is fenced or
+    rebuilding: ``/v1/*`` answer 503 + ``Retry-After`` then) is sent again every
+    0.25 s until it succeeds or ``retry_for_s`` has passed since its first
+    attempt. Any other failure (a 500, an error inside a stream, a dropped or
+    refused connection, a timeout) is final: it is the request lost.
+    ``RequestRecord.attempts`` counts the tries (``LoadSummary.retried``).
     """
     lock = threading.Lock()
     records: list[RequestRecord] = []
@@ -111,7 +120,8 @@ def run_load(
                                        len(tokens), tokens, attempts=attempts)
                 break
             except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
-                if time.monotonic() - start < retry_for_s:
+                refused = isinstance(err, urllib.error.HTTPError) and err.code == 503
+                if refused and time.monotonic() - start < retry_for_s:
                     time.sleep(0.25)
                     continue
                 detail = err.read().decode(errors="replace")[:200] if isinstance(

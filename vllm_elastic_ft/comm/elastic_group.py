@@ -23,8 +23,16 @@ MIN_PG_TIMEOUT_S = 120.0
 
 
 def pg_timeout(rebuild_budget_s: float) -> timedelta:
-    """The timeout of an epoch's communicator: the rebuild budget, at least MIN_PG_TIMEOUT_S."""
+    """The timeout of the first epoch's communicator: the rebuild budget, at least
+    MIN_PG_TIMEOUT_S (its first collectives are profiling and warm-up)."""
     return timedelta(seconds=max(rebuild_budget_s, MIN_PG_TIMEOUT_S))
+
+
+def rebuilt_pg_timeout(rebuild_budget_s: float) -> timedelta:
+    """The timeout of a rebuilt communicator (epoch > 0): the rebuild budget. Its
+    constructor is a rendezvous of the agreed members; one that died after the agreement
+    must not hold the survivors past the budget (the group goes to FAILED instead)."""
+    return timedelta(seconds=rebuild_budget_s)
 
 
 class ElasticProcessGroup:
@@ -35,11 +43,13 @@ class ElasticProcessGroup:
         self.prefix: str | None = None
         self._retired: list[ProcessGroup] = []
 
-    def configure(self, prefix: str, rank: int, world_size: int) -> ProcessGroup:
-        """Abort the current communicator; return a new one over ``world_size`` ranks."""
+    def configure(self, prefix: str, rank: int, world_size: int,
+                  timeout: timedelta | None = None) -> ProcessGroup:
+        """Abort the current communicator; return a new one over ``world_size`` ranks (its
+        rendezvous and collectives bounded by ``timeout``, default the group's)."""
         self.abort()
         self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self.store), rank, world_size,
-                                        self.timeout)
+                                        timeout or self.timeout)
         self.prefix = prefix
         return self.pg
 

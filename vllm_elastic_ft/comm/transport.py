@@ -81,16 +81,19 @@ class GlooTransport:
         group: the group's name (part of the epoch-scoped prefix).
         timeout: the communicator's own timeout (the watchdog's deadlines are tighter).
         combine_mode: ``cpu_collectives.REDUCE_SCATTER_MODES``.
+        rebuilt_timeout: the timeout of a rebuilt communicator (epoch > 0), whose
+            rendezvous must end within the rebuild budget; default ``timeout``.
     """
 
     name = "gloo"
     recovery_tier = RecoveryTier.REBUILD_IN_PLACE
 
     def __init__(self, store, group: str, timeout: timedelta,
-                 combine_mode: str = "all_to_all"):
+                 combine_mode: str = "all_to_all", rebuilt_timeout: timedelta | None = None):
         self.group = group
         self.combine_mode = combine_mode
         self._pg = ElasticProcessGroup(store, timeout)
+        self._rebuilt_timeout = rebuilt_timeout
         self._fixed = None
 
     @classmethod
@@ -110,7 +113,8 @@ class GlooTransport:
     def configure(self, epoch: int, rank: int, world_size: int) -> None:
         if self._pg is None:
             raise RuntimeError("a GlooTransport over a fixed group cannot be reconfigured")
-        self._pg.configure(keys.communicator(self.group, epoch), rank, world_size)
+        self._pg.configure(keys.communicator(self.group, epoch), rank, world_size,
+                           self._rebuilt_timeout if epoch > 0 else None)
 
     def abort(self) -> None:
         if self._pg is not None:

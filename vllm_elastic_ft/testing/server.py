@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vllm_elastic_ft.comm.store import locator, new_secret
 from vllm_elastic_ft.loadgen import complete_once
 from vllm_elastic_ft.testing.harness import free_port
+from vllm_elastic_ft.vllm.watchdog_store import STORE_SECRET_ENV
 
 
 @dataclass
@@ -92,6 +94,18 @@ class VLLMServer:
         self.port = port or free_port()
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
+        # The harness is the operator: it chooses where the server hosts its watchdog store
+        # and the store's secret, so tests and drills can reach the group's state (the
+        # server never hands them out: /elastic_ft/status shows neither).
+        self.store_port = free_port()
+        self.store_secret = new_secret()
+
+    @property
+    def store(self) -> str | None:
+        """The locator of the server's watchdog store (None without the plugin)."""
+        if not self.spec.plugin:
+            return None
+        return locator("127.0.0.1", self.store_port, self.store_secret)
 
     @property
     def url(self) -> str:
@@ -101,9 +115,13 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
+        argv, env = self.spec.argv(self.port), self.spec.environ()
+        if self.spec.plugin:
+            argv += ["--elastic-ft-store", f"127.0.0.1:{self.store_port}"]
+            env[STORE_SECRET_ENV] = self.store_secret
         self.proc = subprocess.Popen(
-            self.spec.argv(self.port),
-            env=self.spec.environ(),
+            argv,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -165,9 +165,10 @@ class FrontEndGroup:
         status["expert_placement"] = self._placement()
         if self.recovery is not None:
             status["recovery"] = self.recovery.status()
+        # Never the store's locator: its secret is what keeps outsiders out of the
+        # group's state (comm/store.py), and its address is of no use to a client.
         status["watchdog"] = {"deadline_s": self.config.deadline_s,
-                              "heartbeat_interval_s": self.config.heartbeat_interval_s,
-                              "store": self.store_address}
+                              "heartbeat_interval_s": self.config.heartbeat_interval_s}
         status["events"] = self.controller.events[-20:]
         return status
 
@@ -307,7 +308,7 @@ class ElasticFTEndpoints:
         world = vllm_config.parallel_config.data_parallel_size
         if not (config.enabled and config.watchdog) or world < 2:
             return
-        from vllm_elastic_ft.comm.store import connect_store
+        from vllm_elastic_ft.comm.store import connect_store, without_secret
         from vllm_elastic_ft.vllm.watchdog_store import store_address
 
         address = store_address()
@@ -325,4 +326,4 @@ class ElasticFTEndpoints:
         if state.elastic_ft.follower is not None:
             state.elastic_ft.follower.start()
         logger.info("vllm-elastic-ft: following DP group %s (%d ranks) through %s",
-                    GROUP_NAME, world, address)
+                    GROUP_NAME, world, without_secret(address) if address else None)

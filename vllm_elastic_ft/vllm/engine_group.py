@@ -28,7 +28,7 @@ from datetime import timedelta
 
 import torch
 
-from vllm_elastic_ft.comm.elastic_group import pg_timeout
+from vllm_elastic_ft.comm.elastic_group import pg_timeout, rebuilt_pg_timeout
 from vllm_elastic_ft.comm.transport import GlooTransport
 from vllm_elastic_ft.group import epochs
 from vllm_elastic_ft.group.fencing import FencedError, current_epoch
@@ -49,7 +49,8 @@ class EngineGroup:
         self.engine = None
         self.epoch = 0
         self.members: tuple[int, ...] = tuple(range(world))
-        self.transport = GlooTransport(store, ENGINE_GROUP, pg_timeout(config.rebuild_budget_s))
+        self.transport = GlooTransport(store, ENGINE_GROUP, pg_timeout(config.rebuild_budget_s),
+                                       rebuilt_timeout=rebuilt_pg_timeout(config.rebuild_budget_s))
         if joining:  # no epoch until admitted (see admitted())
             self.epoch, self.members = -1, ()
         else:

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from vllm_elastic_ft.comm.elastic_group import pg_timeout
+from vllm_elastic_ft.comm.elastic_group import pg_timeout, rebuilt_pg_timeout
 from vllm_elastic_ft.comm.store import connect_store
 from vllm_elastic_ft.comm.deepep_transport import recovery_tier_for_backend
 from vllm_elastic_ft.comm.transport import GlooTransport, RecoveryTier
@@ -82,7 +82,8 @@ class WorkerGroup:
         self.config = config
         watchdog = process_watchdog(rank_id, world)
         transport = GlooTransport(store, GROUP_NAME, pg_timeout(config.rebuild_budget_s),
-                                  config.cpu_dispatch)
+                                  config.cpu_dispatch,
+                                  rebuilt_pg_timeout(config.rebuild_budget_s))
         tier, why = recovery_tier_for_backend(_backend_on_this_platform(all2all_backend))
         if tier is not RecoveryTier.REBUILD_IN_PLACE:
             # The batch sync runs on gloo, but dispatch/combine run on the GPU backend's
