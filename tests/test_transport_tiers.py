@@ -352,3 +352,29 @@ def test_an_expert_load_that_cannot_be_done_ends_in_failed_with_the_reason(store
     assert member.controller.view.state is GroupState.FAILED
     epoch = current_epoch(store, "dp")
     assert "no weights" in store.get(keys.failed("dp", epoch)).decode()
+
+
+def test_retired_communicators_are_released_once_no_collective_can_wait_on_them(store):
+    """Issue 12, bounded resources: every rebuild aborts a communicator; each aborted one was
+    kept forever (a destroy could block on a collective waiting for a stopped peer). Once its
+    timeout has passed nothing can wait on it: it is released, and threads stay flat."""
+    import threading
+
+    from vllm_elastic_ft.comm.elastic_group import ElasticProcessGroup
+
+    group = ElasticProcessGroup(store, timedelta(seconds=0.3))
+    group.configure("warm/", 0, 1)
+    group.abort()
+    time.sleep(0.4)
+    group.abort()
+    threads_before = threading.active_count()
+    for epoch in range(12):
+        group.configure(f"e{epoch}/", 0, 1)
+        group.abort()
+        time.sleep(0.4)
+    assert len(group._retired) <= 1, len(group._retired)
+    assert threading.active_count() <= threads_before + 2
+    # A communicator aborted just now is kept: a collective may still wait on it.
+    group.configure("last/", 0, 1)
+    group.abort()
+    assert any(at > time.monotonic() - 0.3 for _, at, _ in group._retired)

@@ -10,6 +10,7 @@ calls their methods directly.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -40,8 +41,10 @@ class ElasticProcessGroup:
         self.store = store
         self.timeout = timeout
         self.pg: ProcessGroup | None = None
+        self._pg_timeout = timeout
         self.prefix: str | None = None
-        self._retired: list[ProcessGroup] = []
+        #: Aborted communicators and when, kept until no collective can touch them.
+        self._retired: list[tuple[ProcessGroup, float, float]] = []
 
     def configure(self, prefix: str, rank: int, world_size: int,
                   timeout: timedelta | None = None) -> ProcessGroup:
@@ -50,17 +53,20 @@ class ElasticProcessGroup:
         self.abort()
         self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self.store), rank, world_size,
                                         timeout or self.timeout)
+        self._pg_timeout = timeout or self.timeout  # when it can be released after abort
         self.prefix = prefix
         return self.pg
 
     def abort(self) -> None:
         """Drop the communicator without talking to its peers (returns in microseconds).
 
-        The aborted group is kept referenced, never destroyed: destroying a
-        ProcessGroupGloo whose last collective still waits on a stopped peer
+        The aborted group is kept referenced, not destroyed at once: destroying
+        a ProcessGroupGloo whose last collective still waits on a stopped peer
         blocks until that collective's timeout (measured: the full group
-        timeout, on the thread that drops the last reference). A retired group
-        costs a few idle threads and sockets per rebuild.
+        timeout, on the thread that drops the last reference). Once its timeout
+        has passed no collective of it can still wait, so it is released then
+        (at the next abort: a retired group costs a few idle threads and sockets,
+        and a group that faults often must not pile them up).
         """
         pg, self.pg = self.pg, None
         if pg is not None:
@@ -68,7 +74,17 @@ class ElasticProcessGroup:
                 pg.abort()
             except Exception:  # already broken: nothing left to release
                 pass
-            self._retired.append(pg)
+            self._retired.append((pg, time.monotonic(), self._pg_timeout.total_seconds()))
+        self._release_retired()
+
+    def _release_retired(self) -> int:
+        """Drop the retired communicators whose collectives have all timed out by now."""
+        now = time.monotonic()
+        keep = [(pg, at, timeout_s) for pg, at, timeout_s in self._retired
+                if now - at <= timeout_s]
+        released = len(self._retired) - len(keep)
+        self._retired = keep  # the released ones' destructors run here (nothing waits)
+        return released
 
     def shutdown(self) -> None:
         self.abort()
