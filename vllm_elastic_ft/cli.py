@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-budget-s", type=float, default=10.0,
                    help="how long the orchestrator lets a fenced group heal before restarting it")
     p.add_argument("--retry-for-s", type=float, default=600.0,
-                   help="how long the client retries a failed request (as an ingress would)")
+                   help="how long the client retries a request refused with 503 (the "
+                   "design's answer while the group is fenced, as an ingress would); any other "
+                   "failure is a lost request")
     p.add_argument("--baseline", action="store_true",
                    help="also run the same load and fault with a group restart instead of the "
                    "in-engine rebuild, and the deployment on stock vLLM (no plugin)")
