@@ -10,20 +10,28 @@ the last dispatch/combine it entered and finished). When something looks wrong
 * **hung**: the process exists but is stopped (``/proc`` state ``T``), or it
   stopped beating while no connection closed;
 * **slow**: it beats, but had not entered the call that missed its deadline.
+
+A status is read from a key any process can write: :meth:`RankStatus.decode`
+accepts only a well-formed one and raises ``ValueError`` (with the reason) for
+anything else, so the watchdog can set that one peer's value aside instead of
+failing in the middle of an attribution.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from vllm_elastic_ft.watchdog.report import FaultKind
 
 #: ``/proc/<pid>/stat`` states meaning "will never run again" / "stopped".
 _GONE_STATES = {"Z", "X", "x"}
 _STOPPED_STATES = {"T", "t"}
+#: The ``state`` values a rank publishes.
+STATUS_STATES = ("running", "left")
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,37 @@ class RankStatus:
 
     @classmethod
     def decode(cls, raw: bytes) -> RankStatus:
-        return cls(**json.loads(raw))
+        """The status in ``raw``; ``ValueError`` saying why for anything malformed.
+
+        Every field is type-checked here: a wrong type would otherwise fail
+        later, inside ``attribute`` (arithmetic on ``t``), or mislead it (a pid
+        of 0 probes as "gone", i.e. dead). Unknown fields are ignored (a newer
+        rank may publish more).
+        """
+        try:
+            data = json.loads(raw)  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+        except RecursionError as err:  # deeply nested garbage: malformed like any other
+            raise ValueError(f"status nests too deeply: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"a status is a JSON object, not {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data and n != "state"]
+        if missing:
+            raise ValueError(f"status lacks {missing}")
+        for name in ("rank", "pid", "entered", "finished"):
+            if type(data[name]) is not int:  # bool is an int subclass: excluded
+                raise ValueError(f"status field {name!r} is not an integer: {data[name]!r}")
+        if data["rank"] < 0 or data["pid"] <= 0:
+            raise ValueError(f"status has rank {data['rank']} / pid {data['pid']}")
+        t = data["t"]
+        if type(t) not in (int, float) or not math.isfinite(t):
+            raise ValueError(f"status field 't' is not a finite number: {t!r}")
+        if not isinstance(data["host"], str):
+            raise ValueError(f"status field 'host' is not a string: {data['host']!r}")
+        if data.get("state", "running") not in STATUS_STATES:
+            raise ValueError(f"status field 'state' is not one of {STATUS_STATES}: "
+                             f"{data['state']!r}")
+        return cls(**{n: data[n] for n in names if n in data})
 
 
 @dataclass(frozen=True)

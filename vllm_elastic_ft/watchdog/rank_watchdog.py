@@ -15,14 +15,36 @@ watcher thread, every ``heartbeat_interval_s``:
 A dead or stopped peer is therefore named within about one heartbeat interval
 whether or not a collective is in flight; a live peer that falls behind is
 named when this rank's call misses its deadline.
+
+Every call has a finite deadline:
+
+* **warm-up** calls (vLLM's profile run and first dummy runs, before the engine
+  serves) get ``warmup_deadline_s``; where that is 0 ("no deadline") they get a
+  finite fallback instead, ``WatchdogSettings.warmup_fallback_s`` or, unset, the
+  larger of ``WARMUP_FALLBACK_FLOOR_S`` (120 s) and ``WARMUP_FALLBACK_FACTOR`` (10)
+  x ``deadline_s``. Warm-up ends at :meth:`RankWatchdog.end_warmup` (the vLLM glue
+  calls it when the engine starts serving) or after ``warmup_calls`` calls,
+  whichever comes first;
+* every later call gets the steady ``deadline_s``.
+
+No error on the watcher thread passes silently. A value it reads that cannot be
+used (a peer's heartbeat that does not decode, an injected delay that is not a
+finite number >= 0, an unreadable epoch) is counted in
+:attr:`RankWatchdog.tick_errors` and logged once per (whose value, kind of
+error) with the value, clipped; the rest of the tick goes on. A peer whose key
+holds no valid heartbeat is aged from its last valid one (or from when this
+rank first read the bad value), so the staleness rules judge it like any peer
+that stopped beating. Any other failure of a tick is counted too and logged
+once per failure streak and kind, with its traceback.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Callable
 
@@ -36,8 +58,20 @@ from vllm_elastic_ft.watchdog.report import FaultKind, FaultReport, FaultSink, L
 
 logger = get_logger(__name__)
 
-#: Bounded wait of a call that has no deadline (warm-up): vLLM's gloo default.
+#: Bounded wait of a call whose deadline is 0 (only a ``deadline_s`` of 0, which
+#: ``ElasticFTConfig`` never allows; warm-up always has a finite deadline): vLLM's
+#: gloo default.
 NO_DEADLINE_WAIT_S = 1800.0
+#: The warm-up fallback where ``warmup_deadline_s`` is 0: the larger of this floor
+#: and FACTOR x ``deadline_s``. The floor is the one the communicator's own timeout
+#: has (``comm/elastic_group.MIN_PG_TIMEOUT_S``), for the same reason: start-up
+#: collectives can begin tens of seconds apart across ranks on a loaded host
+#: (compilation, profiling) and must not be cut as faults; a peer hung during
+#: warm-up is still cut in minutes, not after NO_DEADLINE_WAIT_S.
+WARMUP_FALLBACK_FLOOR_S = 120.0
+WARMUP_FALLBACK_FACTOR = 10.0
+#: How much of an unusable value a log line shows.
+BAD_VALUE_SHOWN_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -46,15 +80,28 @@ class WatchdogSettings:
 
     deadline_s: float = 5.0
     warmup_calls: int = 200
-    warmup_deadline_s: float = 0.0  # 0: no deadline during warm-up
+    warmup_deadline_s: float = 0.0  # 0: the finite fallback below
     heartbeat_interval_s: float = 0.1
     heartbeat_stale_s: float = 2.0
     poll_interval_s: float = 0.005
     prefer_native: bool = True
+    #: Deadline of a warm-up call where ``warmup_deadline_s`` is 0; 0: the larger of
+    #: WARMUP_FALLBACK_FLOOR_S and WARMUP_FALLBACK_FACTOR x ``deadline_s``. Not an
+    #: ``ElasticFTConfig`` setting (tests and benchmarks set it).
+    warmup_fallback_s: float = 0.0  # last: positional callers keep working
+
+    @property
+    def warmup_limit_s(self) -> float:
+        """The deadline of a warm-up call: never 0 (no deadline)."""
+        if self.warmup_deadline_s:
+            return self.warmup_deadline_s
+        return self.warmup_fallback_s or max(WARMUP_FALLBACK_FLOOR_S,
+                                             WARMUP_FALLBACK_FACTOR * self.deadline_s)
 
     @classmethod
     def from_config(cls, config) -> WatchdogSettings:
-        names = cls.__dataclass_fields__.keys() - {"poll_interval_s", "prefer_native"}
+        names = cls.__dataclass_fields__.keys() - {"poll_interval_s", "prefer_native",
+                                                   "warmup_fallback_s"}
         return cls(**{n: getattr(config, n) for n in names},
                    prefer_native=getattr(config, "watchdog_native", True))
 
@@ -98,6 +145,18 @@ class RankWatchdog:
         self.finished = 0
         self.current_op: str | None = None
         self.injection = injection
+        #: Calls up to this seq are warm-up; :meth:`end_warmup` lowers it.
+        self._warmup_last_seq = settings.warmup_calls
+        #: Errors on the watcher thread (unusable values read, failed ticks), in
+        #: total and per kind (``"heartbeat:JSONDecodeError"``, ``"tick:TimeoutError"``).
+        self.tick_errors = 0
+        self.tick_errors_by_kind: dict[str, int] = {}
+        self._errors_lock = threading.Lock()  # counted on the watcher and on calling threads
+        self._logged_bad: set[tuple[str, str]] = set()  # (whose value, kind) logged once
+        self._failing: dict[str, int] = {}  # failure streak per step of the watcher
+        self._logged_failing: set[str] = set()  # step:kind logged in the current streak
+        #: Per rank: its last valid status and when this rank first read it (wall clock).
+        self._heard: dict[int, tuple[RankStatus, float]] = {}
         self._peer_fault_epoch = -1  # epoch in which a dead/hung peer was reported
         #: The group epoch last read from the store; ahead of ``epoch`` means
         #: this rank is fenced out and must not communicate.
@@ -124,8 +183,9 @@ class RankWatchdog:
                                         daemon=True)
         self._thread.start()
         logger.info("rank watchdog up: group=%s epoch=%d rank=%d/%d deadline=%.2fs "
-                    "warm-up=%d calls monitor=%s", group, epoch, rank, world_size,
-                    settings.deadline_s, settings.warmup_calls, self.monitor_backend)
+                    "warm-up=%d calls (or until end_warmup()) at %.2fs monitor=%s", group,
+                    epoch, rank, world_size, settings.deadline_s, settings.warmup_calls,
+                    settings.warmup_limit_s, self.monitor_backend)
 
     @property
     def monitor_backend(self) -> str:
@@ -162,10 +222,30 @@ class RankWatchdog:
         """Whether this rank's watchdog named a dead or hung peer in its current epoch."""
         return self._peer_fault_epoch == self.epoch
 
+    def end_warmup(self) -> None:
+        """Warm-up is over: every call entered from now on gets the steady ``deadline_s``.
+
+        The vLLM glue calls this when the engine starts serving (after the
+        profile run and the warm-up dummy runs); until then, or at most for
+        ``warmup_calls`` calls, calls get the warm-up deadline. A call already
+        in flight keeps the deadline it was armed with. Idempotent; callable
+        from any thread.
+        """
+        last = min(self._warmup_last_seq, self.entered)
+        if last < self._warmup_last_seq:
+            self._warmup_last_seq = last
+            logger.info("rank %d: warm-up over after %d guarded calls; deadline %.2fs from now on",
+                        self.rank, last, self.settings.deadline_s)
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether the next guarded call gets the warm-up deadline."""
+        return self.entered < self._warmup_last_seq
+
     def deadline_for(self, seq: int) -> float:
-        """The deadline of call ``seq`` in seconds (0: none, warm-up)."""
-        if seq <= self.settings.warmup_calls:
-            return self.settings.warmup_deadline_s
+        """The deadline of call ``seq`` in seconds (warm-up or steady; finite)."""
+        if seq <= self._warmup_last_seq:
+            return self.settings.warmup_limit_s
         return self.settings.deadline_s
 
     def wait_timeout(self, seq: int) -> timedelta:
@@ -210,16 +290,56 @@ class RankWatchdog:
     def _watch(self) -> None:
         interval = self.settings.heartbeat_interval_s
         while not self._stop.is_set():
-            try:
-                self._tick()
-                if self.after_tick is not None:
-                    self.after_tick()
-            except Exception:  # a store hiccup must not kill the watchdog
-                logger.exception("rank %d: watchdog tick failed", self.rank)
+            self._step("tick", self._tick)
+            if self.after_tick is not None:
+                self._step("after_tick", self.after_tick)
             try:
                 self._pending.append(self._triggers.get(timeout=interval))
             except queue.Empty:
                 pass
+
+    def _step(self, name: str, step: Callable[[], None]) -> None:
+        """Run one step of the watcher; a failure is counted and logged, never fatal.
+
+        A store hiccup must not kill the watchdog, nor flood the log every
+        heartbeat: the first failure of each kind in a streak is logged with its
+        traceback, the rest at debug level, and the end of the streak once.
+        """
+        try:
+            step()
+        except Exception as err:
+            kind = f"{name}:{type(err).__name__}"
+            self._count_error(kind)
+            self._failing[name] = self._failing.get(name, 0) + 1
+            if kind in self._logged_failing:
+                logger.debug("rank %d: watchdog %s failed again: %s", self.rank, name, err)
+            else:
+                self._logged_failing.add(kind)
+                logger.exception("rank %d: watchdog %s failed (counted in tick_errors; logged "
+                                 "once until it works again)", self.rank, name)
+            return
+        failed = self._failing.pop(name, 0)
+        if failed:
+            self._logged_failing = {k for k in self._logged_failing
+                                    if not k.startswith(f"{name}:")}
+            logger.warning("rank %d: watchdog %s works again after %d failed attempt(s)",
+                           self.rank, name, failed)
+
+    def _count_error(self, kind: str) -> None:
+        with self._errors_lock:
+            self.tick_errors += 1
+            self.tick_errors_by_kind[kind] = self.tick_errors_by_kind.get(kind, 0) + 1
+
+    def _bad_value(self, source: str, whose: str, value: object, err: Exception) -> None:
+        """Count a value read on the tick that cannot be used; log it once per (whose, kind)."""
+        kind = f"{source}:{type(err).__name__}"
+        self._count_error(kind)
+        if (whose, kind) in self._logged_bad:
+            return
+        self._logged_bad.add((whose, kind))
+        logger.error("rank %d: %s is unusable (%s: %s), value %s; set aside (logged once per "
+                     "value owner and kind of error, counted in tick_errors)", self.rank, whose,
+                     type(err).__name__, _clip(str(err)), _clip(repr(value)))
 
     def reconfigure(self, epoch: int, rank: int, world_size: int) -> None:
         """Move to a rebuilt group: new epoch, this rank's new index, new width."""
@@ -230,6 +350,8 @@ class RankWatchdog:
             self._progress.clear()
             self._pending.clear()
             self._reported.clear()
+            self._heard.clear()  # the new epoch's keys, and ranks renumbered
+            self._logged_bad.clear()
         logger.info("rank watchdog: group=%s now epoch=%d rank=%d/%d", self.group, epoch, rank,
                     world_size)
 
@@ -238,7 +360,7 @@ class RankWatchdog:
             self._tick_locked()
 
     def _tick_locked(self) -> None:
-        self.group_epoch = max(self.group_epoch, current_epoch(self.store, self.group))
+        self.group_epoch = max(self.group_epoch, self._read_group_epoch())
         if self.group_epoch > self.epoch:
             return  # fenced out: the old epoch's peers are no business of this rank
         self.store.set(keys.heartbeat(self.group, self.epoch, self.rank),
@@ -249,8 +371,6 @@ class RankWatchdog:
             seen = self._progress.get(rank)
             if seen is None or seen[0] != status.finished:
                 self._progress[rank] = (status.finished, now)
-        if self.injection is not None:
-            self.injection.refresh()
         progress_t = {r: t for r, (_, t) in self._progress.items()}
         verdict = attribution.attribute(now, self.rank, statuses, probes, progress_t, **self._limits)
         if verdict is None and self.epoch > 0:
@@ -272,6 +392,38 @@ class RankWatchdog:
             else:
                 self._report(verdict, trig.kind, trig.op, trig.seq)
         self._pending = still_pending
+        if self.injection is not None:  # last: the verdicts above never wait on it
+            self._refresh_injection()
+
+    def _read_group_epoch(self) -> int:
+        """The group's epoch in the store; this rank's last one if the key is unusable.
+
+        (A rank that stopped beating over a bad epoch value would be named hung
+        by every peer.)"""
+        try:
+            return current_epoch(self.store, self.group)
+        except ValueError as err:
+            self._bad_value("epoch", f"group {self.group!r}'s epoch",
+                            self.store.get(keys.epoch(self.group)), err)
+            return self.group_epoch
+
+    def _refresh_injection(self) -> None:
+        """Re-read the injected 'slow' delay, only if it is a finite number >= 0.
+
+        ``FaultInjection.refresh`` would raise on a non-number, and take inf,
+        nan or a negative delay, which ``time.sleep`` then raises on in the
+        serving path: such a value is set aside and the last good delay kept.
+        """
+        key = keys.inject_slow(self.injection.group, self.injection.rank_id)
+        raw = self.store.get(key) if self.store.check([key]) else None
+        try:
+            delay = float(raw) if raw is not None else 0.0
+            if not (math.isfinite(delay) and delay >= 0):
+                raise ValueError(f"delay {delay!r} is not a finite number >= 0")
+            self.injection.refresh()
+        except ValueError as err:
+            self._bad_value("injection", f"rank {self.injection.rank_id}'s injected slow delay",
+                            raw, err)
 
     @property
     def _limits(self) -> dict[str, float]:
@@ -324,10 +476,45 @@ class RankWatchdog:
                           self.finished, state)
 
     def _read_statuses(self) -> dict[int, RankStatus]:
-        wanted = [keys.heartbeat(self.group, self.epoch, r) for r in range(self.world_size)]
-        present = [k for k in wanted if self.store.check([k])]
-        values = self.store.multi_get(present) if present else []
-        return {s.rank: s for s in (RankStatus.decode(v) for v in values)}
+        """The status of every rank that published a key in this epoch, as this rank judges it.
+
+        A key that holds no valid status counts as no heartbeat from that rank
+        this tick: the rank keeps its last valid status (or, if it never had one,
+        a placeholder from when this rank first read the bad value), so it ages
+        into the staleness rules like any rank that stopped beating. And no status
+        is younger than when this rank first read it: a clock ahead, or a bogus
+        ``t``, cannot keep a heartbeat that no longer changes fresh forever.
+        """
+        ranks = [r for r in range(self.world_size)
+                 if self.store.check([keys.heartbeat(self.group, self.epoch, r)])]
+        values = (self.store.multi_get([keys.heartbeat(self.group, self.epoch, r) for r in ranks])
+                  if ranks else [])
+        now = time.time()
+        return {rank: self._heard_from(rank, self._decoded(rank, raw), now)
+                for rank, raw in zip(ranks, values)}
+
+    def _decoded(self, rank: int, raw: bytes) -> RankStatus | None:
+        """Rank ``rank``'s status from its key, or None (counted, logged once) if unusable."""
+        try:
+            status = RankStatus.decode(raw)
+            if status.rank != rank:
+                raise ValueError(f"the status under rank {rank}'s key is rank {status.rank}'s")
+            return status
+        except ValueError as err:
+            self._bad_value("heartbeat", f"rank {rank}'s heartbeat", raw, err)
+            return None
+
+    def _heard_from(self, rank: int, status: RankStatus | None, now: float) -> RankStatus:
+        """The status to judge ``rank`` by: ``status`` (None: no valid one this tick),
+        its time capped at when this rank first read it."""
+        heard = self._heard.get(rank)
+        if status is None:
+            if heard is None:  # never a valid one: unknown process, beating until now
+                heard = self._heard[rank] = (RankStatus(rank, 0, "", now, 0, 0), now)
+        elif heard is None or heard[0] != status:
+            heard = self._heard[rank] = (status, now)
+        status, first_read = heard
+        return status if status.t <= first_read else replace(status, t=first_read)
 
     def _report(self, verdict: Verdict, trigger: str, op: str | None, seq: int | None) -> None:
         # One report per fault: per suspect set and kind, and per missed call.
@@ -359,8 +546,10 @@ class RankWatchdog:
             # died (stock vLLM's cascade) still names that peer on its way out.
             try:
                 self._tick()
-            except Exception:
-                pass
+            except Exception as err:  # often the store went first: a line, no traceback
+                self._count_error(f"tick:{type(err).__name__}")
+                logger.warning("rank %d: last look at the peers before shutdown failed: %s",
+                               self.rank, err)
         self._stop.set()
         self._thread.join(timeout=5)
         self._monitor.stop()
@@ -368,5 +557,11 @@ class RankWatchdog:
             try:
                 self.store.set(keys.heartbeat(self.group, self.epoch, self.rank),
                                self._status("left").encode())
-            except Exception:
-                pass
+            except Exception as err:  # peers will judge this rank by staleness instead
+                logger.warning("rank %d: could not publish that it left cleanly: %s",
+                               self.rank, err)
+
+
+def _clip(text: str, limit: int = BAD_VALUE_SHOWN_CHARS) -> str:
+    """``text``, cut to ``limit`` characters (an unusable value may be large)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
