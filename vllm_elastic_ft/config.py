@@ -80,13 +80,15 @@ class ElasticFTConfig:
     )
     warmup_calls: int = _setting(
         200,
-        "Guarded calls per rank that get the warm-up deadline instead (profiling, "
-        "first steps, compilation).",
+        "At most this many guarded calls per rank get the warm-up deadline instead "
+        "(profiling, compilation, warm-up dummy runs); the grace ends earlier, when the "
+        "engine's warm-up is over: serving calls always get deadline_s.",
         min=0, max=10_000_000,
     )
     warmup_deadline_s: float = _setting(
         0.0,
-        "Deadline during warm-up, in seconds; 0 means no deadline.",
+        "Deadline during warm-up, in seconds; 0: the larger of 120 s and 10 x deadline_s "
+        "(never unbounded).",
         min=0.0, max=3600.0,
     )
     heartbeat_interval_s: float = _setting(

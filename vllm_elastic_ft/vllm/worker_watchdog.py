@@ -21,6 +21,7 @@ GROUP_NAME = "dp"
 
 _watchdog: RankWatchdog | None = None
 _disabled = False
+_serving = False  # vLLM's warm-up is over in this worker (serving_started)
 
 
 def process_watchdog(rank: int, world_size: int) -> RankWatchdog | None:
@@ -45,7 +46,19 @@ def process_watchdog(rank: int, world_size: int) -> RankWatchdog | None:
         injection=injection_for(config, store, GROUP_NAME, rank),
     )
     atexit.register(_watchdog.shutdown)
+    if _serving:
+        _watchdog.end_warmup()
     return _watchdog
+
+
+def serving_started() -> None:
+    """vLLM's start-up (profile run, warm-up dummy runs) is over: from now on every guarded
+    call is a serving call and gets the steady deadline, not the warm-up grace. Called by
+    ``patches/worker/worker_start.py``; a watchdog built later starts out of warm-up."""
+    global _serving
+    _serving = True
+    if _watchdog is not None:
+        _watchdog.end_warmup()
 
 
 def current_watchdog() -> RankWatchdog | None:

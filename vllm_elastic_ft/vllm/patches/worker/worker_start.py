@@ -16,13 +16,15 @@ from typing import Any, Callable
 
 from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 from vllm_elastic_ft.vllm.worker_group import attached_worker_group
+from vllm_elastic_ft.vllm.worker_watchdog import serving_started
 
 WARM_UP = PatchSpec(
     target="vllm.v1.worker.cpu_worker:CPUWorker.compile_or_warm_up_model",
     why="Nothing watches a DP rank before its first step: a rank that dies after start-up "
     "but before the first request stalls that request with no deadline.",
     how="After vLLM's warm-up, build the worker's elastic DP group (watchdog heartbeats, "
-    "epoch-0 communicator) and attach the loaded model.",
+    "epoch-0 communicator) and attach the loaded model; end the watchdog's warm-up grace "
+    "(every later guarded call is a serving call: the steady deadline).",
     upstream="vllm-project/vllm#30112 (keep survivors when a DP process dies)",
     remove_when="vLLM's DP ranks watch each other from start-up.",
     params=("self",),
@@ -36,6 +38,7 @@ def _make_compile_or_warm_up_model(original: Callable[..., Any]) -> Callable[...
     def compile_or_warm_up_model(self):
         result = original(self)
         attached_worker_group(self)  # None (nothing built) when in-engine rebuild is off
+        serving_started()
         return result
 
     return compile_or_warm_up_model
