@@ -4,7 +4,9 @@
   in a real TCPStore, whoever arrives first; a late (stale) rank is refused.
 * ``worker_group._insert_dead_rows``: the logical-N layout of a dispatch result.
 * ``frontend_recovery``: the continuation of a stranded request, and dropping a
-  lost engine's late outputs (with small stand-ins for vLLM's request objects).
+  lost engine's late outputs (with small stand-ins for vLLM's request objects);
+  what becomes of a stranded request whose client waits on vLLM's real output
+  processor (re-submitted, or ended at once when it cannot be).
 * ``expert_loader``: finding an expert's weights in a real checkpoint.
 """
 
@@ -234,7 +236,8 @@ def _request(rid="r1", prompt=(1, 2, 3), params=None):
     return EngineCoreRequest(request_id=rid, prompt_token_ids=list(prompt), mm_features=None,
                              sampling_params=params or SamplingParams(max_tokens=32, min_tokens=4),
                              pooling_params=None, arrival_time=0.0, lora_request=None,
-                             cache_salt=None, data_parallel_rank=3)
+                             cache_salt=None, data_parallel_rank=3,
+                             external_req_id=f"ext-{rid}")
 
 
 def _recovery_with_generated(rid, tokens):
@@ -293,6 +296,144 @@ def test_late_outputs_of_a_lost_engine_are_dropped_only_for_moved_requests():
                            finished_requests=None)
     recovery.drop_late_outputs(live)
     assert len(live.outputs) == 1
+
+
+class _LBClient:
+    """Stands in for vLLM's ``DPLBAsyncMPClient``: engine 1 is lost, engine 0 lives.
+    ``add_request_async`` routes as vLLM's does (``reqs_in_flight``, ``engine_inflight``)
+    before it sends; with ``fail`` the send raises."""
+
+    def __init__(self, fail: bool = False):
+        from collections import Counter
+
+        self.core_engines = [b"\x00\x00", b"\x01\x00"]
+        self.core_engine = self.core_engines[1]
+        self.reqs_in_flight: dict = {}
+        self.engine_inflight = Counter()
+        self.fail = fail
+        self.added: list = []
+        self.aborted: list = []
+
+    def strand(self, rid: str) -> None:
+        self.reqs_in_flight[rid] = self.core_engines[1]
+        self.engine_inflight[self.core_engines[1]] += 1
+
+    async def add_request_async(self, request) -> None:
+        engine = self.core_engines[0]
+        self.reqs_in_flight[request.request_id] = engine
+        self.engine_inflight[engine] += 1
+        if self.fail:
+            raise ConnectionError("engine input socket closed")
+        self.added.append(request)
+
+    async def abort_requests_async(self, request_ids) -> None:
+        self.aborted.append(list(request_ids))
+
+
+def _waiting_client(rid: str, params, generated):
+    """vLLM's real OutputProcessor with one request whose client (a RequestOutputCollector,
+    as AsyncLLM.generate reads it) already got ``generated``; ``(recovery, processor, queue)``."""
+    from vllm.v1.engine import EngineCoreOutput
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector
+
+    from vllm_elastic_ft.vllm.frontend_recovery import FrontEndRecovery
+
+    processor = OutputProcessor(None, log_stats=False)
+    request = _request(rid, params=params)
+    queue = RequestOutputCollector(params.output_kind, rid)
+    processor.add_request(request, None, None, 0, queue)
+    processor.process_outputs([EngineCoreOutput(request_id=rid, new_token_ids=list(generated))])
+    assert queue.get_nowait().outputs[0].token_ids == list(generated)  # streamed already
+    recovery = FrontEndRecovery()
+    recovery.bind_llm(SimpleNamespace(output_processor=processor))
+    recovery.remember(request)
+    return recovery, processor, queue
+
+
+def _lose_engine_1(recovery, client, queue, wait_s: float = 5.0):
+    """Run the move of engine 1's requests while the client waits on its queue, as
+    generate() does; what the client got (TimeoutError if it still waits)."""
+    import asyncio
+
+    async def run():
+        recovery.client = client
+        waiting = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0)
+        await recovery._move_requests(1)
+        return await asyncio.wait_for(waiting, wait_s)
+
+    return asyncio.run(run())
+
+
+def test_a_request_whose_resubmission_fails_ends_at_once_with_a_retryable_error():
+    from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+    from vllm.exceptions import GenerationError
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=32, output_kind=RequestOutputKind.DELTA)
+    recovery, processor, queue = _waiting_client("r1", params, [7, 8])
+    client = _LBClient(fail=True)
+    client.strand("r1")
+    out = _lose_engine_1(recovery, client, queue)  # before the fix: TimeoutError, it waited
+    assert out.finished and out.outputs[0].finish_reason == "error"
+    # What vLLM's OpenAI server makes of it: a 500 response, or an error event ending a stream.
+    with pytest.raises(GenerationError):
+        GenerateBaseServing._raise_if_error(None, out.outputs[0].finish_reason, "r1")
+    assert recovery.failed_resubmissions == 1 and recovery.status()["requests_failed"] == 1
+    assert recovery.resubmitted == 0
+    assert not processor.has_unfinished_requests(), "vLLM's front end forgot it"
+    assert "r1" not in recovery.requests and "r1" not in recovery.moved
+    # The failed call had routed it to the live engine: undone, and aborted there.
+    assert client.reqs_in_flight == {} and client.aborted == [["r1"]]
+    assert all(n == 0 for n in client.engine_inflight.values())
+
+
+def test_a_stranded_request_with_its_whole_budget_is_finished_with_its_tokens():
+    """Its client has every token; it is not run again, and its stream ends (``length``)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=3, output_kind=RequestOutputKind.DELTA)
+    recovery, processor, queue = _waiting_client("r1", params, [7, 8, 9])
+    client = _LBClient()
+    client.strand("r1")
+    out = _lose_engine_1(recovery, client, queue)  # before the fix: TimeoutError
+    assert out.finished and out.outputs[0].finish_reason == "length"
+    assert client.added == [] and recovery.ended_at_budget == 1
+    assert recovery.failed_resubmissions == 0 and not processor.has_unfinished_requests()
+
+
+def test_a_stranded_request_is_continued_and_its_client_goes_on_waiting():
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=32, output_kind=RequestOutputKind.DELTA)
+    recovery, processor, queue = _waiting_client("r1", params, [7, 8])
+    client = _LBClient()
+    client.strand("r1")
+    with pytest.raises(TimeoutError):
+        _lose_engine_1(recovery, client, queue, wait_s=0.5)  # its tokens come from engine 0
+    [cont] = client.added
+    assert cont.prompt_token_ids == [1, 2, 3, 7, 8] and cont.sampling_params.max_tokens == 30
+    assert recovery.resubmitted == 1 and recovery.failed_resubmissions == 0
+    assert processor.has_request("r1") and "r1" in recovery.moved
+
+
+def test_a_stranded_request_its_front_end_already_finished_is_not_run_again():
+    """The engine's "finished" can trail the request's last output: nobody waits for it."""
+    import asyncio
+
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_elastic_ft.vllm.frontend_recovery import FrontEndRecovery
+
+    recovery = FrontEndRecovery()
+    recovery.bind_llm(SimpleNamespace(output_processor=SimpleNamespace(request_states={})))
+    recovery.remember(_request("r1", params=SamplingParams(max_tokens=8)))
+    client = _LBClient()
+    client.strand("r1")
+    recovery.client = client
+    asyncio.run(recovery._move_requests(1))
+    assert client.added == [], "a continuation from scratch would only load a live engine"
+    assert recovery.requests == {} and recovery.failed_resubmissions == 0
 
 
 # -------------------------------------------------------------- checkpoint

@@ -1,4 +1,5 @@
-"""The patch registry and the patch helper (idempotence, version and signature checks)."""
+"""The patch registry and the patch helper (idempotence, version and signature checks,
+removal, a step after a patch)."""
 
 import importlib
 import inspect
@@ -13,6 +14,8 @@ from vllm_elastic_ft.vllm.patching import (
     apply_patch,
     installed_vllm_version,
     is_patched,
+    remove_patch,
+    run_after,
 )
 
 
@@ -98,6 +101,65 @@ def test_changed_signature_fails_loudly(monkeypatch):
     with pytest.raises(UnsupportedVLLMError, match=r"no longer takes \['gone'\]"):
         apply_patch(spec, lambda original: original, version=spec.vllm_versions[0])
     assert not is_patched(Target.method)
+
+
+class Base:
+    def method(self, x, y=1):
+        return ("base", x, y)
+
+
+class Derived(Base):
+    pass
+
+
+def _patch_that_marks(original):
+    def method(self, x, y=1):
+        return ("patched",) + original(self, x, y)[1:]
+
+    return method
+
+
+def test_remove_patch_puts_back_exactly_what_was_there(monkeypatch):
+    monkeypatch.setattr(Target, "method", Target.__dict__["method"])
+    own = Target.__dict__["method"]
+    spec = _spec(params=("self", "x"))
+    version = spec.vllm_versions[0]
+    assert remove_patch(spec) is False, "not installed: nothing to remove"
+    apply_patch(spec, _patch_that_marks, version=version)
+    assert Target().method(2) == ("patched", 2, 1)
+    assert remove_patch(spec) is True and remove_patch(spec) is False
+    assert Target.__dict__["method"] is own and Target().method(2) == ("original", 2, 1)
+    # Removed, it can be applied again (the marker went with the wrapper).
+    assert apply_patch(spec, _patch_that_marks, version=version) is True
+    assert remove_patch(spec) and Target.__dict__["method"] is own
+
+    inherited = PatchSpec(target=f"{__name__}:Derived.method", why="w", how="h", upstream="u",
+                          remove_when="r")
+    apply_patch(inherited, _patch_that_marks, version=version)
+    assert "method" in vars(Derived) and Derived().method(1)[0] == "patched"
+    assert remove_patch(inherited)
+    assert "method" not in vars(Derived), "an inherited attribute is not copied onto the class"
+    assert Derived.method is Base.method
+
+
+def test_run_after_adds_one_step_after_the_installed_patch(monkeypatch):
+    monkeypatch.setattr(Target, "method", Target.__dict__["method"])
+    spec = _spec(params=("self", "x"))
+    version = spec.vllm_versions[0]
+    steps = []
+
+    def step(result, self, x, y=1):
+        steps.append((result, x))
+
+    assert run_after(spec, step, tag="t") is False, "no patch installed: nothing to follow"
+    apply_patch(spec, _patch_that_marks, version=version)
+    assert run_after(spec, step, tag="t") is True and run_after(spec, step, tag="t") is False
+    assert Target().method(4) == ("patched", 4, 1)
+    assert steps == [(("patched", 4, 1), 4)], "once per tag, after the patch, with its result"
+    assert is_patched(Target.method)
+    assert apply_patch(spec, _patch_that_marks, version=version) is False, "still installed"
+    assert remove_patch(spec) and Target().method(4) == ("original", 4, 1)
+    assert len(steps) == 1, "the step goes with the patch"
 
 
 def test_plugin_register_is_idempotent(monkeypatch):

@@ -12,7 +12,12 @@ via :meth:`FrontEndRecovery.exclude`) — and then, on the AsyncLLM event loop:
    ``max_tokens`` (and ``min_tokens``) lowered by as many. The request keeps its
    id, so the client's stream just goes on; anything ``k`` still sends for it
    is dropped. Output-token penalties and per-request seeds restart from the
-   continuation point (documented limit).
+   continuation point (documented limit). A request that cannot go on is
+   finished at once, as its engine would have finished it (``_end``): with
+   ``length`` when its client already has every token of its budget, with
+   vLLM's retryable request-level error (finish reason ``error``: the OpenAI
+   server answers 500, or ends the stream with an error event) when it could
+   not be re-submitted; its client never waits for an engine that is gone.
 
 Requests are cached (the ``EngineCoreRequest`` the client sent) from routing to
 completion, since vLLM's front end keeps only part of a request.
@@ -45,6 +50,11 @@ class FrontEndRecovery:
         self.requests: dict[str, Any] = {}  # request id -> EngineCoreRequest, until finished
         self.moved: set[str] = set()  # re-submitted: the lost engine's late outputs are dropped
         self.resubmitted = 0
+        #: Stranded requests ended with an error: not re-submitted (it raised, or
+        #: nothing was kept to continue them from).
+        self.failed_resubmissions = 0
+        #: Stranded requests ended with ``length``: their client had their whole budget.
+        self.ended_at_budget = 0
         self.events: list[dict] = []
         self.client = None
         self.llm = None
@@ -215,23 +225,93 @@ class FrontEndRecovery:
         for rid in stranded:
             client.reqs_in_flight.pop(rid, None)
             client.engine_inflight[identity] -= 1
-        moved = 0
+        moved = failed = ended = 0
         for rid in stranded:
+            if self.llm is not None and rid not in self.llm.output_processor.request_states:
+                # Finished or aborted at the front end already (the engine's "finished"
+                # can trail its last output): nobody waits for it, running it again
+                # would only load a live engine.
+                self.finished([rid])
+                continue
             request = self.requests.get(rid)
             continuation = self._continuation(rid, request) if request is not None else None
             if continuation is None:
+                if request is not None:  # its budget is spent: the client has every token
+                    self._end(rid, "length")
+                    ended += 1
+                else:  # nothing kept to continue it from
+                    logger.error("front end: request %s was stranded on DP rank %d and "
+                                 "cannot be re-submitted (not kept); ended with an error",
+                                 rid, rank)
+                    self._end(rid, "error")
+                    failed += 1
                 continue
             self.moved.add(rid)
             try:
                 await client.add_request_async(continuation)
                 moved += 1
             except Exception:
-                logger.exception("front end: could not re-submit request %s", rid)
+                logger.exception("front end: could not re-submit request %s; ended with a "
+                                 "retryable error", rid)
+                # First the client (at once), then the routing the failed call left.
+                self._end(rid, "error")
+                failed += 1
+                await self._unroute(client, rid)
         self.resubmitted += moved
+        self.failed_resubmissions += failed
+        self.ended_at_budget += ended
         self.events.append({"t": time.time(), "event": "requests_resubmitted", "rank": rank,
-                            "count": moved, "stranded": len(stranded)})
-        logger.warning("front end: re-submitted %d of %d request(s) stranded on DP rank %d",
-                       moved, len(stranded), rank)
+                            "count": moved, "stranded": len(stranded), "failed": failed,
+                            "ended_at_budget": ended})
+        logger.warning("front end: re-submitted %d of %d request(s) stranded on DP rank %d "
+                       "(%d failed, %d had their whole budget)", moved, len(stranded), rank,
+                       failed, ended)
+
+    def _end(self, rid: str, reason: str) -> None:
+        """Finish stranded request ``rid`` at its client now, as its engine would have.
+
+        ``reason`` is ``"length"`` (its budget is spent) or ``"error"`` (vLLM's
+        retryable request-level error, ``FinishReason.ERROR``: the OpenAI server
+        raises ``GenerationError`` for it, a 500 response or an error event that
+        ends the stream, and vLLM cleans the request up as for any finished one).
+        It goes through the output processor's ``process_outputs``, the path of
+        every engine output: stats, n > 1 fan-in and the client's queue included.
+        """
+        from vllm.v1.engine import EngineCoreOutput, FinishReason
+
+        self.finished([rid])
+        processor = self.llm.output_processor if self.llm is not None else None
+        state = processor.request_states.get(rid) if processor is not None else None
+        if state is None:
+            return  # nothing waits for it
+        if state.detokenizer is None or state.streaming_input:
+            # A pooling request (a token-less output cannot finish it) or a streaming-input
+            # session (a finish only ends its current chunk): AsyncLLM's encode()/generate()
+            # end and abort a request whose queue holds an exception (EngineGenerateError).
+            from vllm.exceptions import RetryableRequestError
+
+            if state.queue is not None:
+                state.queue.put(RetryableRequestError(
+                    f"request {rid} was on a data-parallel engine that was lost"))
+            return
+        processor.process_outputs([EngineCoreOutput(
+            request_id=rid, new_token_ids=[],
+            finish_reason=FinishReason.LENGTH if reason == "length" else FinishReason.ERROR)])
+
+    @staticmethod
+    async def _unroute(client, rid: str) -> None:
+        """Undo what a failed ``add_request_async`` may have left: the request routed to a
+        live engine (so that the balancer's counts stay exact), aborted there if it got it."""
+        engine = client.reqs_in_flight.get(rid)
+        if engine is None:
+            return
+        try:
+            await client.abort_requests_async([rid])
+        except Exception as err:  # the engine may never have had it
+            logger.debug("front end: abort of request %s after its failed re-submission: %s",
+                         rid, err)
+        if client.reqs_in_flight.pop(rid, None) is not None:
+            client.engine_inflight[engine] -= 1
 
     def _continuation(self, rid: str, request):
         """``request`` continued after the tokens its client already has, or None if done."""
@@ -277,6 +357,8 @@ class FrontEndRecovery:
 
     def status(self) -> dict:
         return {"lost_ranks": sorted(self.lost), "requests_resubmitted": self.resubmitted,
+                "requests_failed": self.failed_resubmissions,
+                "requests_ended_at_budget": self.ended_at_budget,
                 "replaced_ranks": sorted(self.replacements),
                 "events": self.events[-20:]}
 

@@ -5,7 +5,10 @@ written against, why it exists, the upstream issue, and when it can go. Applying
 a patch is idempotent (a marker attribute on the wrapper), refuses to run on a
 vLLM version it was not written for, and checks that the upstream signature
 still has the parameters the wrapper relies on: a silent mismatch would make
-the plugin misbehave instead of failing loudly.
+the plugin misbehave instead of failing loudly. A patch installed here can be
+removed again (:func:`remove_patch`: the front end learns ``enabled: false``
+only after the plugin was loaded, see ``plugin.py``), and a step can be added
+after an installed patch (:func:`run_after`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,22 @@ SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 CHECKED_WITH_0_33 = ("0.32.0", "0.33.0")
 
 _MARKER = "__elastic_ft_patch__"
+#: Tags of the steps :func:`run_after` added to an installed wrapper.
+_STEPS = "__elastic_ft_steps__"
+
+
+@dataclass(frozen=True)
+class _Installed:
+    """What :func:`apply_patch` replaced, to put it back (:func:`remove_patch`)."""
+
+    owner: Any
+    name: str
+    raw: Any  # the attribute as the owner held it (staticmethod/classmethod included)
+    own: bool  # False: it was inherited, so removing the patch deletes the override
+
+
+#: The patches installed in this process, by target.
+_installed: dict[str, _Installed] = {}
 
 
 class UnsupportedVLLMError(RuntimeError):
@@ -85,8 +104,9 @@ def check_vllm_version(spec: PatchSpec, version: str | None = None) -> None:
         raise UnsupportedVLLMError(
             f"vllm-elastic-ft patch for {spec.target} supports vLLM "
             f"{list(spec.vllm_versions)}, but vLLM {version} is installed. Install a "
-            "supported vLLM, or disable the plugin (VLLM_PLUGINS without "
-            "'elastic_ft', or additional_config elastic_ft.enabled=false)."
+            "supported vLLM, or leave the plugin out (VLLM_PLUGINS without 'elastic_ft'; "
+            "elastic_ft.enabled=false is read only after the front end has applied the "
+            "patches that read it)."
         )
 
 
@@ -132,10 +152,57 @@ def apply_patch(
         )
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, _MARKER, spec)
+    _installed[spec.target] = _Installed(owner, name, raw, name in vars(owner))
     if kind == "staticmethod":
         setattr(owner, name, staticmethod(wrapper))
     elif kind == "classmethod":
         setattr(owner, name, classmethod(wrapper))
     else:
         setattr(owner, name, wrapper)
+    return True
+
+
+def remove_patch(spec: PatchSpec) -> bool:
+    """Put back what :func:`apply_patch` replaced for ``spec`` (steps added after it go too).
+
+    Returns:
+        True if the patch was removed now, False if it is not installed in this process.
+    """
+    record = _installed.pop(spec.target, None)
+    if record is None:
+        return False
+    current = inspect.getattr_static(record.owner, record.name)
+    current = current.__func__ if isinstance(current, (staticmethod, classmethod)) else current
+    if getattr(current, _MARKER, None) != spec:
+        return False  # no longer this patch there: what it replaced was put back already
+    if record.own:
+        setattr(record.owner, record.name, record.raw)
+    else:  # inherited: attribute lookup finds the base class's again
+        delattr(record.owner, record.name)
+    return True
+
+
+def run_after(spec: PatchSpec, step: Callable[..., None], *, tag: str) -> bool:
+    """Call ``step(result, *args, **kwargs)`` after each call of the installed patch of
+    ``spec`` (a plain method), once per ``tag``; it stays the same registry entry.
+
+    For a step that belongs to another module than the patch (the plugin's, after the
+    patch that reads the config). Returns True if the step was added now, False if it
+    already was or the patch is not installed.
+    """
+    owner, name = spec.owner_and_name
+    installed = inspect.getattr_static(owner, name)
+    if isinstance(installed, (staticmethod, classmethod)):
+        raise TypeError(f"run_after: {spec.target} is not a plain method")
+    if not is_patched(installed) or tag in getattr(installed, _STEPS, ()):
+        return False
+
+    @functools.wraps(installed)  # keeps the marker: apply_patch still sees it installed
+    def with_step(*args, **kwargs):
+        result = installed(*args, **kwargs)
+        step(result, *args, **kwargs)
+        return result
+
+    setattr(with_step, _STEPS, (*getattr(installed, _STEPS, ()), tag))
+    setattr(owner, name, with_step)
     return True
