@@ -8,10 +8,15 @@ retries), and record the admission. The first kill comes before any request
 ran (the ranks are watched from start-up); each later kill comes right after
 the previous admission. Per cycle: ``serving_without_s`` (kill -> group serves
 without the rank), ``engine_start_s`` / ``admission_s`` (from the endpoint's
-answer), ``requests_ok`` / ``requests_failed``. Prints JSON lines and a
-summary, writes ``<out>/replace_cycles.json``.
+answer), ``requests_ok`` / ``requests_failed``, and the resources of every
+process of the deployment (API server, engine cores, workers: threads, open
+file descriptors, sockets, resident memory). The summary says how those grew,
+from after the first cycle to after the last, in the processes that lived
+through every cycle (issue 12: flat over 30 fault + replace cycles). Prints JSON
+lines and a summary, writes ``<out>/replace_cycles.json``.
 
     python benchmarks/replace_cycles.py --dp 4 --ranks 1 3 0 2 1 0
+    python benchmarks/replace_cycles.py --dp 2 --ranks 1 --cycles 30
 """
 
 from __future__ import annotations
@@ -29,6 +34,36 @@ from vllm_elastic_ft.testing.server import ServerSpec, VLLMServer
 from vllm_elastic_ft.testing.tiny_moe import build_tiny_moe
 
 PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
+
+
+def resources(root_pid: int) -> dict[int, dict]:
+    """pid -> threads, fds, sockets, RSS (MiB) and name, for a process and its descendants."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    found = {}
+    for proc in [root] + root.children(recursive=True):
+        try:
+            with proc.oneshot():
+                found[proc.pid] = {"name": proc.name(), "threads": proc.num_threads(),
+                                   "fds": proc.num_fds(),
+                                   "sockets": len(proc.net_connections(kind="all")),
+                                   "rss_mib": round(proc.memory_info().rss / 2**20, 1)}
+        except psutil.Error:  # exited meanwhile (the killed rank)
+            continue
+    return found
+
+
+def growth(first: dict[int, dict], last: dict[int, dict]) -> dict:
+    """How the processes alive in both samples grew: the largest increase of each resource."""
+    lived = sorted(set(first) & set(last))
+    worst = {k: max((last[p][k] - first[p][k] for p in lived), default=0)
+             for k in ("threads", "fds", "sockets", "rss_mib")}
+    return {"processes": len(lived), "max_increase": {k: round(v, 1) for k, v in worst.items()},
+            "by_process": {str(p): {"name": last[p]["name"],
+                                    **{k: [first[p][k], last[p][k]]
+                                       for k in ("threads", "fds", "sockets", "rss_mib")}}
+                           for p in lived}}
 
 
 def _serving_without(server: VLLMServer, rank: int, timeout_s: float) -> float:
@@ -70,6 +105,8 @@ def main() -> int:
     parser.add_argument("--dp", type=int, default=4)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 3, 0, 2, 1, 0],
                         help="the rank lost (and replaced) in each cycle")
+    parser.add_argument("--cycles", type=int, default=None,
+                        help="cycles to run, going round --ranks (default: one per rank given)")
     parser.add_argument("--requests", type=int, default=24, help="per cycle")
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("runs"))
@@ -77,23 +114,27 @@ def main() -> int:
     if any(not 0 <= r < args.dp for r in args.ranks):
         parser.error(f"--ranks: each must be in [0, {args.dp - 1}]")
     args.out.mkdir(parents=True, exist_ok=True)
+    ranks = [args.ranks[i % len(args.ranks)] for i in range(args.cycles or len(args.ranks))]
     spec = ServerSpec(str(build_tiny_moe()), data_parallel_size=args.dp, expert_parallel=True,
                       extra_args=["--elastic-ft-deadline-s", "2",
                                   "--elastic-ft-rebuild-budget-s", "20"])
-    records = []
+    records, samples = [], []
     with VLLMServer(spec, args.out / "replace_cycles_server.log") as server:
         server.wait_ready()
-        for cycle, rank in enumerate(args.ranks):
-            print(f"[replace_cycles] cycle {cycle + 1}/{len(args.ranks)}: rank {rank}",
+        for cycle, rank in enumerate(ranks):
+            print(f"[replace_cycles] cycle {cycle + 1}/{len(ranks)}: rank {rank}",
                   flush=True)
             record = run_cycle(server, cycle, rank, args.requests, args.concurrency)
+            samples.append(resources(server.proc.pid))
+            record["processes"] = len(samples[-1])
+            record["threads_total"] = sum(p["threads"] for p in samples[-1].values())
             records.append(record)
             print(json.dumps(record), flush=True)
             if not record["admitted"]:
                 break
     admitted = [r for r in records if r["admitted"]]
     summary = {
-        "bench": "replace_cycles_summary", "dp": args.dp, "cycles": len(args.ranks),
+        "bench": "replace_cycles_summary", "dp": args.dp, "cycles": len(ranks),
         "admitted": len(admitted),
         "requests_ok": sum(r["requests_ok"] for r in records),
         "requests_failed": sum(r["requests_failed"] for r in records),
@@ -103,11 +144,14 @@ def main() -> int:
                                        1) if admitted else None,
         "first_request_after_kill_s": records[0].get("first_request_after_kill_s")
         if records else None,
+        # After the first cycle (every process of the deployment has been through one fault)
+        # to after the last, in the processes that lived through all of them.
+        "resource_growth": growth(samples[0], samples[-1]) if len(samples) > 1 else None,
     }
     print(json.dumps(summary), flush=True)
     (args.out / "replace_cycles.json").write_text(json.dumps(
         {"cycles": records, "summary": summary}, indent=2))
-    return 0 if len(admitted) == len(args.ranks) and summary["requests_failed"] == 0 else 1
+    return 0 if len(admitted) == len(ranks) and summary["requests_failed"] == 0 else 1
 
 
 if __name__ == "__main__":
