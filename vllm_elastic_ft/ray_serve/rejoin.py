@@ -122,7 +122,7 @@ def start_replacement(old_llm, rank: int, coordinator: dict) -> Replacement:
     return Replacement(process, llm)
 
 
-async def admit_replacement(store, replacement: Replacement, rank: int, world: int,
+async def admit_replacement(store, replacement: Replacement, rank: int,
                             timeout_s: float) -> list[int]:
     """Post the admission of ``rank`` and run the joiner's part; returns the new members.
 
@@ -141,13 +141,13 @@ async def admit_replacement(store, replacement: Replacement, rank: int, world: i
     await asyncio.wait_for(replacement.llm.resume_generation(), timeout_s)
     if rank not in members:
         raise RuntimeError(f"rank {rank} was not admitted (members {members})")
-    answers = await asyncio.to_thread(_answers, store, number, rank, world, members, 10.0)
+    answers = await asyncio.to_thread(_answers, store, number, rank, members, 10.0)
     logger.warning("rank %d admitted at epoch %d: members %s (live replicas: %s)", rank,
                    epoch, members, answers)
     return list(members)
 
 
-def _answers(store, number: int, joiner: int, world: int, members, timeout_s: float) -> dict:
+def _answers(store, number: int, joiner: int, members, timeout_s: float) -> dict:
     """The live replicas' answers to admission ``number`` (for the log; bounded wait)."""
     wanted = [keys.serve_admission_done(number, r) for r in members if r != joiner]
     deadline = time.monotonic() + timeout_s

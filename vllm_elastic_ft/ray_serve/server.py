@@ -139,10 +139,10 @@ class ElasticDPServer(DPServer):
 
     async def __del__(self) -> None:
         await super().__del__()
-        for owned in (getattr(self, "_ft_replacement", None),
-                      getattr(self, "_ft_coordinator", None)):
-            if owned is not None:  # the replacement's client, rank 0's DP coordinator
-                (owned.kill if hasattr(owned, "kill") else owned.shutdown)()
+        if (replacement := getattr(self, "_ft_replacement", None)) is not None:
+            replacement.kill()  # the replacement engine and its client
+        if (coordinator := getattr(self, "_ft_coordinator", None)) is not None:
+            coordinator.shutdown()  # rank 0's DP coordinator (taken out of vLLM's client)
 
     def _ft_llm(self):
         """This replica's vLLM ``AsyncLLM`` (Ray's VLLMEngine keeps it privately)."""
@@ -186,7 +186,7 @@ class ElasticDPServer(DPServer):
                                               coordinator)
         try:
             members = await admit_replacement(self._ft_store, replacement, self._ft_rank,
-                                              self._ft_world, self._ft_config.rebuild_budget_s)
+                                              self._ft_config.rebuild_budget_s)
             engine = self._engine_cls(self._llm_config)
             # Ray's own start-up of the OpenAI serving objects, on the engine client we
             # built (VLLMEngine.start would otherwise launch an engine of its own).
