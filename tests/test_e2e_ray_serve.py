@@ -15,6 +15,9 @@ Clients never retry here: any failed request is a client error. In order:
    rejoins, and serves.
 4. An unrecoverable state (both of gang A's workers killed at once): Ray restarts gang
    A (new gang id), gang B serves meanwhile; no client error.
+5. Rank 0's replica process killed mid-stream (the gang's store and DP coordinator die
+   with it): Ray restarts the gang, and the ingress finishes every request elsewhere
+   with the no-fault text.
 """
 
 import json
@@ -225,28 +228,19 @@ _MID_STREAM_KINDS = [("completions", True), ("chat", True), ("completions", Fals
                      ("completions", True), ("chat", True)]
 
 
-def test_requests_on_a_lost_rank_0_finish_elsewhere_with_the_reference_text(two_gangs):
-    """Issue 11: a whole gang's rank 0 worker is killed while 32 requests run (24 of them
-    streams, chat and completions, every stream mid-way). Rank 0 heals in place like any other
-    rank (its replica, which hosts the gang's store and vLLM's DP coordinator, stays up); its
-    streams continue on a serving replica after the tokens their clients have, its plain
-    requests are sent again whole; every text equals the no-fault greedy text and the client
-    (OpenAI's, max_retries=0) sees no error."""
+def _mid_stream_kill(kill) -> tuple[dict, dict, dict]:
+    """32 greedy requests through the OpenAI client (max_retries=0; 24 streams, chat and
+    completions), ``kill()`` once every stream is under way. Returns the texts, the client
+    errors (every exception: nothing retries) and the no-fault texts, by request."""
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0, timeout=300)
     cases = [(*_MID_STREAM_KINDS[i % 8], f"{PROMPTS[i % len(PROMPTS)]} {i}") for i in range(32)]
-    gangs = gang_stores()
-    gang, address = sorted(gangs.items())[0]  # gang A, whole again since it rejoined
-    store = connect_store(address)
-    epoch = current_epoch(store, "dp")
-    continued_before = _counter(store, keys.serve_continued(0))
     with ThreadPoolExecutor(8) as pool:  # the no-fault texts (greedy: batching does not matter)
         reference = dict(enumerate(pool.map(
             lambda case: _openai_text(client, case[0], case[2], False, 160), cases)))
-    survivor, victim = _worker_pid_at(store, 1, epoch), _worker_pid_at(store, 0, epoch)
     texts, errors = {}, {}
     progress = {i: [] for i, case in enumerate(cases) if case[1]}
 
@@ -262,9 +256,26 @@ def test_requests_on_a_lost_rank_0_finish_elsewhere_with_the_reference_text(two_
         t.start()
     _wait(lambda: all(len(p) >= 3 for p in progress.values()), 120,
           "every stream to be under way")
-    faults.signal_process("kill", victim, 0)
+    kill()
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=600)
+    return texts, errors, reference
+
+
+def test_requests_on_a_lost_rank_0_finish_elsewhere_with_the_reference_text(two_gangs):
+    """Issue 11: a whole gang's rank 0 worker is killed while 32 requests run (24 of them
+    streams, chat and completions, every stream mid-way). Rank 0 heals in place like any other
+    rank (its replica, which hosts the gang's store and vLLM's DP coordinator, stays up); its
+    streams continue on a serving replica after the tokens their clients have, its plain
+    requests are sent again whole; every text equals the no-fault greedy text and the client
+    (OpenAI's, max_retries=0) sees no error."""
+    gangs = gang_stores()
+    gang, address = sorted(gangs.items())[0]  # gang A, whole again since it rejoined
+    store = connect_store(address)
+    epoch = current_epoch(store, "dp")
+    continued_before = _counter(store, keys.serve_continued(0))
+    survivor, victim = _worker_pid_at(store, 1, epoch), _worker_pid_at(store, 0, epoch)
+    texts, errors, reference = _mid_stream_kill(lambda: faults.signal_process("kill", victim, 0))
     assert not errors, errors
     assert texts == reference, {i: (texts.get(i), reference[i]) for i in reference
                                 if texts.get(i) != reference[i]}
@@ -295,4 +306,33 @@ def test_an_unrecoverable_gang_is_restarted_by_ray_while_the_other_serves(two_ga
     load.join(timeout=900)
     summary = results[0]
     assert summary.failed == 0 and summary.ok == 40, [r.error for r in summary.records if not r.ok]
+    _wait(serves, 300, "the app to serve after the restart")
+
+
+def test_requests_on_a_dead_replica_process_finish_elsewhere_with_the_reference_text(two_gangs):
+    """Issue 11: rank 0's replica *process* dies (SIGKILL: it hosts the gang's store and vLLM's
+    DP coordinator, so the gang cannot heal) while 32 requests run, 24 of them streams. Ray
+    restarts the gang; the ingress sends each request that had no answer yet to another
+    replica and continues each stream under way there: the OpenAI client (max_retries=0)
+    sees no error and every text equals the no-fault greedy text."""
+    import psutil
+
+    gangs = gang_stores()
+    gang, address = _a_whole_gang()
+    engine = psutil.Process(_worker_pid(address, 0)).parent()
+    replica = engine.parent()  # rank 0's Ray Serve replica: its engine's parent
+    assert "ServeReplica" in " ".join(replica.cmdline()) or "ServeReplica" in replica.name(), \
+        (replica.name(), replica.cmdline()[:3])
+    ingress = serve.get_deployment_handle("ElasticOpenAiIngress", "default")
+    before = ingress.elastic_ft_counts.remote().result()
+    texts, errors, reference = _mid_stream_kill(replica.kill)
+    assert not errors, errors
+    assert texts == reference, {i: (texts.get(i), reference[i]) for i in reference
+                                if texts.get(i) != reference[i]}
+    after = ingress.elastic_ft_counts.remote().result()
+    moved = {k: after.get(k, 0) - before.get(k, 0) for k in ("resent", "continued", "gave_up")}
+    assert moved["resent"] + moved["continued"] > 0, \
+        f"no request was running on the dead replica: the case did not happen ({moved})"
+    assert moved["gave_up"] == 0, moved
+    _wait(lambda: len(set(gang_stores()) - set(gangs)) >= 1, 600, "Ray to restart the gang")
     _wait(serves, 300, "the app to serve after the restart")

@@ -65,17 +65,22 @@ def build_elastic_dp_deployment(llm_config, *, name_prefix: Optional[str] = None
 
 
 def build_elastic_dp_openai_app(llm_config, *, name_prefix: Optional[str] = None):
-    """An OpenAI-compatible app (Ray Serve LLM's ingress) over elastic DP gangs."""
+    """An OpenAI-compatible app over elastic DP gangs: Ray Serve LLM's ingress, whose
+    requests outlive the replica process they ran on (:mod:`.ingress`)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
+    from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
+
+    from vllm_elastic_ft.ray_serve.ingress import ElasticOpenAiIngress
 
     prepared = prepare_llm_config(llm_config)
     gangs = build_elastic_dp_deployment(prepared, name_prefix=name_prefix)
-    ingress_cls = make_fastapi_ingress(OpenAiIngress)
-    options = OpenAiIngress.get_deployment_options([prepared])
+    ingress_cls = make_fastapi_ingress(ElasticOpenAiIngress)
+    options = ElasticOpenAiIngress.get_deployment_options([prepared])
     model_id = prepared.model_id
+    loading = prepared.model_loading_config
     return serve.deployment(ingress_cls, **options).bind(
         llm_deployments={model_id: gangs},
         model_cards={model_id: to_model_metadata(model_id, prepared)},
+        tokenizer_sources={model_id: loading.tokenizer_source or loading.model_source},
     )

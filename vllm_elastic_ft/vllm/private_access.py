@@ -223,8 +223,15 @@ THIRD_PARTY: tuple[PrivateAccess, ...] = (
     PrivateAccess(
         target=f"{_RAY_LLM}.core.ingress.ingress:OpenAiIngress",
         access="read",
-        why="The same: the ingress deployment class.",
-        used_in="vllm_elastic_ft/ray_serve/builder.py",
+        why="The same: the ingress deployment class, which ElasticOpenAiIngress extends.",
+        used_in="vllm_elastic_ft/ray_serve/builder.py, vllm_elastic_ft/ray_serve/ingress.py",
+    ),
+    PrivateAccess(
+        target=f"{_RAY_LLM}.core.ingress.ingress:OpenAiIngress._get_response",
+        access="write",
+        why="The ingress's one call of the model deployment's handle: overridden so that a "
+        "request whose replica process died is sent again or continued on another replica.",
+        used_in="vllm_elastic_ft/ray_serve/ingress.py",
     ),
     PrivateAccess(
         target=f"{_RAY_LLM}.core.ingress.ingress:make_fastapi_ingress",
