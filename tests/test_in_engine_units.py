@@ -513,16 +513,66 @@ def test_the_engine_monitor_watches_replacements_too(monkeypatch):
                 time.sleep(0.05)
             assert condition()
 
-        manager.processes[1].kill()
+        first, lost = manager.processes
+        lost.kill()
         wait_for(lambda: exits == [1])
-        manager.processes.append(_engine_like("EngineCore_DP1"))  # the replacement
+        # The lost engine leaves the manager's list and its handle is closed: no descriptor
+        # stays behind per lost engine (issue 12), and shutdown never touches it again.
+        wait_for(lambda: manager.processes == [first])
+        with pytest.raises(ValueError):
+            lost.is_alive()  # closed
+        replacement = _engine_like("EngineCore_DP1")
+        manager.processes.append(replacement)
         time.sleep(1.5)  # one round of the monitor's wait: it picks the replacement up
-        manager.processes[0].kill()
+        first.kill()
         wait_for(lambda: exits == [1, 0])
         assert not shut.is_set(), "the replacement still serves"
-        manager.processes[2].kill()
+        replacement.kill()
         wait_for(shut.is_set)
         assert manager.failed_proc_name == "EngineCore_DP1" and exits == [1, 0]
     finally:
-        for proc in manager.processes:
+        for proc in list(manager.processes):
             proc.kill()
+
+
+class _RoutedExpertsStandIn(torch.nn.Module):
+    """The parts of vLLM's RoutedExperts the loader's mapping reads (a stand-in: building a
+    real CPU MoE layer needs an engine)."""
+
+    def __init__(self, slots: dict[int, int], num_experts: int = 8):
+        super().__init__()
+        self.layer_name = "model.layers.0.mlp.experts"
+        self.w13_weight = torch.nn.Parameter(torch.randn(len(slots), 4, 2), requires_grad=False)
+        self.w2_weight = torch.nn.Parameter(torch.randn(len(slots), 2, 2), requires_grad=False)
+        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+        for expert, slot in slots.items():
+            expert_map[expert] = slot
+        self.expert_map_manager = SimpleNamespace(
+            _expert_map=expert_map, _expert_mask=(expert_map != -1).to(torch.int32),
+            global_num_experts=num_experts)
+        self.expert_map_manager.expert_map = self.expert_map_manager._expert_map
+        self.updates = 0
+
+    def update_expert_map_info(self):
+        self.updates += 1
+
+
+def test_experts_a_survivor_gave_back_are_mapped_again_without_a_second_copy():
+    """Issue 12: a survivor that gave a rejoined rank's experts back keeps their weights
+    parked; losing that rank again maps them back to the same slots (no checkpoint read, no
+    new slot), so its MoE memory stays at one copy of each expert over any number of faults."""
+    from vllm_elastic_ft.vllm import expert_loader
+
+    layer = _RoutedExpertsStandIn({e: e for e in range(8)})  # own 0-3, orphans 4-7 loaded
+    model = torch.nn.Sequential(layer)
+    weights = layer.w13_weight.data.clone()
+    expert_loader.unmap_experts(model, [4, 5, 6, 7])  # rank 1 rejoined
+    assert expert_loader.local_experts(layer) == [0, 1, 2, 3]
+    assert expert_loader.parked_experts(layer) == {4: 4, 5: 5, 6: 6, 7: 7}
+    # Rank 1 lost again: no checkpoint index is needed (None would fail on a read).
+    expert_loader.load_experts(layer, [4, 5, 6, 7], index=None)
+    assert expert_loader.local_experts(layer) == list(range(8))
+    assert layer.expert_map_manager._expert_map.tolist() == list(range(8))
+    assert layer.expert_map_manager._expert_mask.tolist() == [1] * 8
+    assert layer.w13_weight.shape[0] == 8 and torch.equal(layer.w13_weight.data, weights)
+    assert expert_loader.parked_experts(layer) == {}

@@ -17,6 +17,14 @@ running model:
    at the new local slots (``RoutedExperts.update_expert_map_info``), which the
    next forward reads.
 
+When a rejoined rank takes its experts back, the survivor unmaps them but keeps
+their weights in their slots ("parked"): a later loss of the same rank maps them
+again without reading the checkpoint, and no expert ever gets a second slot. A
+survivor's MoE weights are thus bounded by one copy of every expert, however
+many faults come (issue 12: memory flat over fault + replace cycles). Freeing
+parked slots would mean repacking the layer's weights while it serves, for at
+most the experts a DP=1 copy holds.
+
 Targets vLLM 0.32.0's ``RoutedExperts`` / ``ExpertMapManager`` and
 ``CPUUnquantizedExperts`` (unquantized CPU MoE). Quantized or zentorch layers
 are refused with a clear error rather than loaded wrong.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import glob
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +45,10 @@ logger = get_logger(__name__)
 
 #: (gate, up, down) weight names of one expert, per checkpoint convention.
 EXPERT_WEIGHT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+#: MoE layer -> {global expert id: the local slot still holding its weights, unmapped}.
+_PARKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ExpertLoadError(RuntimeError):
@@ -112,8 +125,30 @@ def _kernel_of(layer: torch.nn.Module):
     return experts
 
 
+def parked_experts(layer: torch.nn.Module) -> dict[int, int]:
+    """Experts ``layer`` stopped computing whose weights it keeps: global id -> slot."""
+    return dict(_PARKED.get(layer, {}))
+
+
 def load_experts(layer: torch.nn.Module, experts: list[int], index: CheckpointIndex) -> None:
-    """Append ``experts`` (global ids not held yet) to ``layer`` and map them to their slots."""
+    """Map ``experts`` (global ids not computed yet) on ``layer``: parked ones back to their
+    slots, the others appended from the checkpoint."""
+    if not experts:
+        return
+    parked = _PARKED.get(layer, {})
+    remapped = [e for e in experts if e in parked]
+    if remapped:
+        manager = layer.expert_map_manager
+        manager._expert_map[torch.tensor(remapped)] = torch.tensor(
+            [parked.pop(e) for e in remapped], dtype=manager._expert_map.dtype)
+        if manager._expert_mask is not None:
+            manager._expert_mask[torch.tensor(remapped)] = 1
+        layer.update_expert_map_info()
+    _append_experts(layer, [e for e in experts if e not in remapped], index)
+
+
+def _append_experts(layer: torch.nn.Module, experts: list[int], index: CheckpointIndex) -> None:
+    """Append ``experts`` to ``layer``'s weights from the checkpoint and map them there."""
     if not experts:
         return
     from vllm._custom_ops import cpu_prepack_moe_weight
@@ -153,8 +188,8 @@ def load_experts(layer: torch.nn.Module, experts: list[int], index: CheckpointIn
 def unmap_experts(model: torch.nn.Module, experts: list[int]) -> None:
     """Stop computing ``experts`` on this rank (a rejoined rank computes them again).
 
-    Their weights stay in their slots, unmapped (a later shrink that needs
-    them again appends a fresh copy from the checkpoint: slots are not reused).
+    Their weights stay in their slots, parked: a later shrink that needs them
+    again maps them back there (see the module docstring).
     """
     if not experts:
         return
@@ -163,6 +198,11 @@ def unmap_experts(model: torch.nn.Module, experts: list[int]) -> None:
         manager = layer.expert_map_manager
         if manager._expert_map is None:
             continue
+        parked = _PARKED.setdefault(layer, {})
+        for expert in experts:
+            slot = int(manager._expert_map[expert])
+            if slot != -1:
+                parked[expert] = slot
         manager._expert_map[ids] = -1
         if manager._expert_mask is not None:
             manager._expert_mask[ids] = 0

@@ -49,18 +49,16 @@ def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
         if len(self.processes) < 2:
             return original(self)
         watched: dict[Any, tuple[Any, int]] = {}
-        exited: set = set()
         while not self.manager_stopped.is_set():
             # Re-read the list each time: a replacement engine (vllm/replacement.py)
             # is appended to it while this thread runs, and must be watched too.
             for i, p in enumerate(list(self.processes)):
-                if p.sentinel not in watched and p.sentinel not in exited:
+                if p.sentinel not in watched:
                     watched[p.sentinel] = (p, _rank_of(p, i))
             if not watched:
                 break
             for sentinel in connection.wait(list(watched), timeout=1):
                 proc, rank = watched.pop(sentinel)
-                exited.add(sentinel)
                 if self.manager_stopped.is_set():
                     continue
                 # Asked at each death, not at start: the recovery is installed
@@ -75,9 +73,25 @@ def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
                     self.shutdown()
                     return
                 recovery.engine_exited(rank, proc.exitcode)
+                _forget(self, proc)
         self.shutdown()
 
     return monitor_engine_liveness
+
+
+def _forget(manager, proc) -> None:
+    """Drop an exited engine from the manager's list and release its process handle (the
+    sentinel pipe): otherwise every lost engine keeps descriptors in this process, and a
+    later engine could get its sentinel's number (issue 12: fds flat over many faults)."""
+    try:
+        manager.processes.remove(proc)
+    except ValueError:
+        pass
+    try:
+        proc.join(timeout=0)
+        proc.close()
+    except (ValueError, AttributeError):  # not a multiprocessing.Process, or still running
+        pass
 
 
 def apply() -> None:
