@@ -54,6 +54,30 @@ def resources(root_pid: int) -> dict[int, dict]:
     return found
 
 
+RESOURCES = ("threads", "fds", "sockets", "rss_mib")
+
+
+def drift_per_cycle(samples: list[dict[int, dict]]) -> dict[str, dict[str, float]]:
+    """Least-squares slope per cycle of each resource of each process alive in every sample,
+    over all cycles and over the second half alone (a leak keeps its slope; a warm-up
+    that levels off has a second-half slope near 0)."""
+    def slope(values: list[float]) -> float:
+        n = len(values)
+        if n < 2:
+            return 0.0
+        mean_x, mean_y = (n - 1) / 2, sum(values) / n
+        den = sum((x - mean_x) ** 2 for x in range(n))
+        return sum((x - mean_x) * (v - mean_y) for x, v in enumerate(values)) / den
+
+    lived = [p for p in samples[0] if all(p in s for s in samples)]
+    half = len(samples) // 2
+    return {f"{samples[0][p]['name']}:{p}": {
+        **{f"{k}_per_cycle": round(slope([s[p][k] for s in samples]), 3) for k in RESOURCES},
+        **{f"{k}_per_cycle_2nd_half": round(slope([s[p][k] for s in samples[half:]]), 3)
+           for k in RESOURCES}}
+        for p in lived}
+
+
 def growth(first: dict[int, dict], last: dict[int, dict]) -> dict:
     """How the processes alive in both samples grew: the largest increase of each resource."""
     lived = sorted(set(first) & set(last))
@@ -128,6 +152,10 @@ def main() -> int:
             samples.append(resources(server.proc.pid))
             record["processes"] = len(samples[-1])
             record["threads_total"] = sum(p["threads"] for p in samples[-1].values())
+            # The processes that have lived through every cycle so far, this cycle.
+            record["survivors"] = {f"{samples[0][p]['name']}:{p}": {
+                k: samples[-1][p][k] for k in RESOURCES}
+                for p in samples[0] if p in samples[-1]}
             records.append(record)
             print(json.dumps(record), flush=True)
             if not record["admitted"]:
@@ -147,11 +175,23 @@ def main() -> int:
         # After the first cycle (every process of the deployment has been through one fault)
         # to after the last, in the processes that lived through all of them.
         "resource_growth": growth(samples[0], samples[-1]) if len(samples) > 1 else None,
+        "drift": drift_per_cycle(samples) if len(samples) > 1 else None,
     }
     print(json.dumps(summary), flush=True)
+    _print_table(records)
     (args.out / "replace_cycles.json").write_text(json.dumps(
         {"cycles": records, "summary": summary}, indent=2))
     return 0 if len(admitted) == len(ranks) and summary["requests_failed"] == 0 else 1
+
+
+def _print_table(records: list[dict]) -> None:
+    """Per cycle, each surviving process's threads / fds / RSS."""
+    names = list(records[0].get("survivors", {})) if records else []
+    print("cycle | " + " | ".join(f"{n} thr/fds/RSS MiB" for n in names))
+    for record in records:
+        cells = [record.get("survivors", {}).get(n) for n in names]
+        print(f"{record['cycle']:5d} | " + " | ".join(
+            f"{c['threads']}/{c['fds']}/{c['rss_mib']}" if c else "-" for c in cells))
 
 
 if __name__ == "__main__":

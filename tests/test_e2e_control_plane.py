@@ -6,7 +6,9 @@ a server in seconds, naming the key, before any model loads."""
 
 from __future__ import annotations
 
+import glob
 import json
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -19,6 +21,7 @@ from vllm_elastic_ft import faults
 from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.comm.store import connect_store, parse_locator, without_secret
 from vllm_elastic_ft.testing.server import ServerSpec, VLLMServer
+from vllm_elastic_ft.watchdog.attribution import RankStatus
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +30,10 @@ API_KEY = "s3cret-key"
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_moe_path, tmp_path_factory):
-    spec = ServerSpec(tiny_moe_path, data_parallel_size=2, expert_parallel=True,
+    # A copy of the model of its own: the last test takes its weights away.
+    model = tmp_path_factory.mktemp("keyed-model") / "tiny-moe"
+    shutil.copytree(tiny_moe_path, model)
+    spec = ServerSpec(str(model), data_parallel_size=2, expert_parallel=True,
                       extra_args=["--api-key", API_KEY])
     server = VLLMServer(spec, tmp_path_factory.mktemp("keyed") / "server.log")
     with server:
@@ -119,3 +125,32 @@ def test_a_bad_setting_stops_the_server_in_seconds_before_any_model_loads(tiny_m
     assert named in out, out[-2000:]
     assert "Loading weights" not in out and "(EngineCore" not in out, "no engine was started"
     print(f"{named}: refused after {took:.1f}s (interpreter and vLLM import included)")
+
+
+def test_an_expert_load_that_cannot_be_done_ends_in_failed_with_its_reason(keyed_server):
+    """Issue 12: the survivor of a lost rank must load that rank's experts from the checkpoint;
+    with the checkpoint's weights gone (as when a checkpoint is given as a hub id, or its
+    volume went away) that load raises ExpertLoadError. The group must end in FAILED with
+    the reason (the orchestrator's restart) within the rebuild budget, not crash or hang:
+    /health says 503, a request is turned away at once."""
+    model_dir = keyed_server.spec.model
+    for weights in glob.glob(f"{model_dir}/*.safetensors"):
+        shutil.move(weights, weights + ".gone")
+    store = connect_store(keyed_server.store)
+    victim = RankStatus.decode(store.get(keys.heartbeat("dp", 0, 1))).pid
+    faults.signal_process("kill", victim, 1)
+    killed = time.monotonic()
+    status = {}
+    while time.monotonic() - killed < 60:
+        code, status = _call(keyed_server, "/elastic_ft/status", key=API_KEY, timeout_s=10)
+        if code == 200 and status.get("state") == "FAILED":
+            break
+        time.sleep(0.2)
+    took = time.monotonic() - killed
+    assert status.get("state") == "FAILED", status
+    assert "cannot take experts" in (status.get("reason") or ""), status
+    assert "safetensors" in status["reason"], status["reason"]
+    assert keyed_server.health() == 503
+    code, answered_in = _completion(keyed_server)
+    assert code == 503 and answered_in < 10, (code, answered_in)
+    print(f"FAILED {took:.2f}s after the kill: {status['reason']}")
