@@ -10,6 +10,7 @@ import time
 import pytest
 
 from vllm_elastic_ft import faults
+from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.testing.elastic_moe_loop import (
     STOP_KEY, ElasticLoopSpec, loop_progress, run_elastic_loop, wait_for_progress,
 )
@@ -124,3 +125,33 @@ def test_second_fault_during_rebuild_ends_ready_or_failed_never_hangs():
         assert r["state"] in ("HEALTHY", "FAILED"), r
         if r["state"] == "HEALTHY":
             assert r["members"] == [0, 1] and r["mismatches"] == 0
+
+
+def test_the_agreements_leader_killed_mid_agreement_is_replaced_and_the_group_rebuilds():
+    """Issue 13: the agreement's leader dies while it waits for a straggler. Its lease runs
+    out, a follower leads the next term and publishes without it, and the group rebuilds
+    with the two ranks left (before: followers waited out their timeout and the group
+    FAILED). Real processes, real SIGKILLs; rank 2 held in its rebuild is the straggler."""
+    group_name = ElasticLoopSpec().moe.group
+    with RankGroup(run_elastic_loop, WORLD, ElasticLoopSpec(), SETTINGS) as group:
+        _wait(group, range(WORLD), 0, 8)
+        faults.set_rebuild_delay(group.store, group_name, 2.0, rank_id=2)
+        faults.signal_process("kill", group.pids[3], 3)
+        term0 = keys.leader_term(group_name, 1, 0)
+        deadline = time.monotonic() + 30
+        while not group.store.check([term0]) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        leader = int(group.store.get(term0))
+        assert leader in (0, 1), "rank 2 is held: a rank that arrived leads"
+        assert not group.store.check([keys.members(group_name, 1)]), "it waits for rank 2"
+        faults.signal_process("kill", group.pids[leader], leader)
+        left = sorted({0, 1, 2} - {leader})
+        _wait(group, left, 1, STEPS_AFTER)
+        results = _stop(group, left)
+    assert group.store.check([keys.leader_term(group_name, 1, 1)]), "a next term was led"
+    for r in results.values():
+        assert r["exit"] == "stopped" and r["state"] == "HEALTHY", r
+        assert r["epoch"] == 1 and r["members"] == left, r
+        assert r["mismatches"] == 0
+    held = sorted(e for r in results.values() for e in r["holds"])
+    assert held == list(range(8)), "every expert has a live replica"

@@ -15,7 +15,7 @@ the engine cores' DP sync)::
     eft/<g>/e<E>/hb/<rank>             heartbeat of group rank <rank> at epoch E
     eft/<g>/e<E>/fault/<rank>          FaultReport published by <rank> at epoch E
     eft/<g>/e<E>/join/<id>             stable id <id> registered for epoch E
-    eft/<g>/e<E>/arrivals              registration counter (first = leader)
+    eft/<g>/e<E>/leader/<T>            the rank leading term T of the agreement
     eft/<g>/e<E>/members               agreed members + expert placement of E
     eft/<g>/e<E>/serving               the first step of E went through
     eft/<g>/e<E>/pg/...                E's communicator rendezvous (a PrefixStore)
@@ -28,6 +28,7 @@ the engine cores' DP sync)::
     eft/<g>/join_ticket/<id>           that joiner's admission ticket
     eft/<g>/inject/slow/<rank>         fault injection: delay per guarded call
     eft/<g>/inject/rebuild_delay       fault injection: hold inside a rebuild
+    eft/<g>/inject/rebuild_delay/<id>  the same, for rank <id> only
     eft/serve/rank<r>/completed        Ray Serve: requests rank r completed
     eft/serve/rank<r>/continued        Ray Serve: streams rank r continued elsewhere
     eft/serve/rank<r>/resent           Ray Serve: requests rank r sent again whole
@@ -63,8 +64,8 @@ def registered(group: str, epoch_: int, rank_id: int) -> str:
     return f"{epoch_prefix(group, epoch_)}/join/{rank_id}"
 
 
-def arrivals(group: str, epoch_: int) -> str:
-    return f"{epoch_prefix(group, epoch_)}/arrivals"
+def leader_term(group: str, epoch_: int, term: int) -> str:
+    return f"{epoch_prefix(group, epoch_)}/leader/{term}"
 
 
 def members(group: str, epoch_: int) -> str:
@@ -104,8 +105,9 @@ def inject_slow(group: str, rank: int) -> str:
     return f"{ROOT}/{group}/inject/slow/{rank}"
 
 
-def inject_rebuild_delay(group: str) -> str:
-    return f"{ROOT}/{group}/inject/rebuild_delay"
+def inject_rebuild_delay(group: str, rank_id: int | None = None) -> str:
+    suffix = "" if rank_id is None else f"/{rank_id}"
+    return f"{ROOT}/{group}/inject/rebuild_delay{suffix}"
 
 
 def serve_completed(rank: int) -> str:

@@ -57,13 +57,16 @@ def set_slow(store, group: str, rank: int, delay_s: float) -> Injection:
     return Injection("slow", None, rank, time.time())
 
 
-def set_rebuild_delay(store, group: str, delay_s: float) -> Injection:
-    """Hold every rank of ``group`` for ``delay_s`` inside its next rebuilds (after the
-    fence, before the agreement): room for a second fault to land during a rebuild."""
+def set_rebuild_delay(store, group: str, delay_s: float, rank_id: int | None = None
+                      ) -> Injection:
+    """Hold every rank of ``group`` (or only stable rank ``rank_id``) for ``delay_s`` inside
+    its next rebuilds (after the fence, before the agreement): room for a second fault to
+    land during a rebuild, or a straggler the agreement's leader waits for."""
     if delay_s < 0:
         raise ValueError(f"delay_s must be >= 0, got {delay_s}")
-    store.set(keys.inject_rebuild_delay(group), str(float(delay_s)))
-    logger.warning("fault injected: rebuilds of group %s held for %.3fs", group, delay_s)
+    store.set(keys.inject_rebuild_delay(group, rank_id), str(float(delay_s)))
+    logger.warning("fault injected: rebuilds of group %s%s held for %.3fs", group,
+                   "" if rank_id is None else f" rank {rank_id}", delay_s)
     return Injection("rebuild_delay", None, None, time.time())
 
 

@@ -48,7 +48,8 @@ class FaultInjection:
 
     def hold_rebuild(self) -> None:
         """Hold a rebuild after the fence (room for a second fault to land in it)."""
-        held = self._read_float(keys.inject_rebuild_delay(self.group))
+        held = self._read_float(keys.inject_rebuild_delay(self.group)) or \
+            self._read_float(keys.inject_rebuild_delay(self.group, self.rank_id))
         if held:
             logger.warning("rank %d: rebuild held %.2fs (injected)", self.rank_id, held)
             time.sleep(held)

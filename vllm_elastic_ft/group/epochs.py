@@ -96,7 +96,7 @@ def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
     expected = [r for r in base.members if r not in suspects]
     return ms.agree(store, group, epoch, me, expected, window_s,
                     lambda members: solve(num_experts, base.placement, members).placement,
-                    timeout_s=timeout_s)
+                    timeout_s=timeout_s, eligible=list(base.members))
 
 
 def is_admission(store, group: str, epoch: int) -> bool:
@@ -152,4 +152,6 @@ def admit(store, group: str, old: ms.Membership | None, me: int, joiner: int, ti
             if joiner in members else ()
         return admit_placement(base.placement, members, joiner, brought)
 
-    return ms.agree(store, group, epoch, me, expected, window_s, place, timeout_s=timeout_s)
+    # The joiner is not a member of the base epoch: it never leads its own admission.
+    return ms.agree(store, group, epoch, me, expected, window_s, place, timeout_s=timeout_s,
+                    eligible=list(base.members))

@@ -1,12 +1,23 @@
 """Who is in the group at a new epoch: a small agreement protocol over the store.
 
 After a fence, every rank that should continue registers at the new epoch.
-The first to arrive (``store.add`` orders arrivals) is the leader for that
-epoch: it waits until the ranks it expects have registered, or
+One of them leads: it waits until the ranks it expects have registered, or
 ``window_s`` has passed, then publishes the member list and the expert
 placement. Everyone else waits for that publication. A rank that is not in
 the list (it arrived late: it was stopped, or it is stale) is fenced out and
 may ask to join the next epoch.
+
+Leadership comes in terms, each claimed with one ``compare_set`` on the term's
+key (the store orders the claims): the first eligible rank to arrive claims
+term 0. A leader has ``window_s + lease_s`` from when a follower first saw its
+claim to publish; past that, a follower claims the next term and leads in its
+place, leaving every earlier term's leader out of the members (it failed its
+lease: dead, or too slow to be trusted with a rank). The publication is itself
+a ``compare_set``, so exactly one member list is ever published for an epoch,
+even when a slow leader and its successor publish at once, and every rank
+reads that one. Only members of the base epoch (``eligible``) may claim a term:
+a stale or joining rank can never lead, so it can never put itself in. The
+whole agreement is bounded by ``timeout_s`` (the rebuild budget).
 """
 
 from __future__ import annotations
@@ -53,38 +64,48 @@ def pending_join(store, group: str) -> int | None:
 
 
 def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s: float,
-          place, timeout_s: float = 30.0) -> Membership:
+          place, timeout_s: float = 30.0, eligible: list[int] | None = None,
+          lease_s: float = 1.0) -> Membership:
     """Register ``me`` at ``epoch`` and return the agreed membership.
 
     Args:
-        expected: the ranks this rank believes will continue (the leader stops
+        expected: the ranks this rank believes will continue (a leader stops
             waiting once they all registered).
-        window_s: how long the leader waits for stragglers.
+        window_s: how long a leader waits for stragglers.
         place: ``place(members) -> placement`` (the leader computes it).
-        timeout_s: how long a follower waits for the leader.
+        timeout_s: how long the whole agreement may take.
+        eligible: the ranks that may lead (the base epoch's members); None: any.
+        lease_s: how long past ``window_s`` a leader may take to publish before
+            a follower takes over.
 
     Raises:
         FencedError: ``me`` is not a member of ``epoch``.
         TimeoutError: no leader published in time.
     """
     store.set(keys.registered(group, epoch, me), "1")
-    arrival = store.add(keys.arrivals(group, epoch), 1)
     published = keys.members(group, epoch)
-    if arrival == 1:
-        deadline = time.monotonic() + window_s
-        while time.monotonic() < deadline:
-            if all(store.check([keys.registered(group, epoch, r)]) for r in expected):
-                break
-            time.sleep(0.005)
-        candidates = set(expected) | {me}
-        members = sorted(r for r in candidates if store.check([keys.registered(group, epoch, r)]))
-        placement = place(members)
-        store.set(published, json.dumps({"members": members, "leader": me,
-                                         "placement": {str(r): list(e) for r, e in placement.items()}}))
+    may_lead = eligible is None or me in eligible
     deadline = time.monotonic() + timeout_s
+    term, failed_leaders = 0, []
+    term_seen_at = None  # when this rank first saw term ``term``'s leader
     while not store.check([published]):
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise TimeoutError(f"group {group}: no membership published for epoch {epoch}")
+        leader = _leader_of(store, group, epoch, term)
+        if leader is None and may_lead:
+            leader = _claim(store, group, epoch, term, me)
+        if leader == me:
+            _lead(store, group, epoch, me, expected, window_s, place, failed_leaders,
+                  min(deadline, time.monotonic() + window_s))
+            break
+        if leader is not None and term_seen_at is None:
+            term_seen_at = now
+        if term_seen_at is not None and now - term_seen_at > window_s + lease_s:
+            # The leader of this term let its lease run out: the next term's.
+            failed_leaders.append(leader)
+            term, term_seen_at = term + 1, None
+            continue
         time.sleep(0.005)
     data = json.loads(store.get(published))
     membership = Membership(epoch, tuple(data["members"]),
@@ -92,3 +113,32 @@ def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s:
     if me not in membership.members:
         raise FencedError(group, me, epoch - 1, epoch)
     return membership
+
+
+def _leader_of(store, group: str, epoch: int, term: int) -> int | None:
+    """The rank that claimed ``term``, or None (one atomic read, as in pending_join)."""
+    value = store.compare_set(keys.leader_term(group, epoch, term), _NO_REQUEST,
+                              _NO_REQUEST).decode()
+    return None if value == _NO_REQUEST else int(value)
+
+
+def _claim(store, group: str, epoch: int, term: int, me: int) -> int:
+    """Claim ``term`` for ``me``; returns whoever holds it (``me`` if the claim won)."""
+    return int(store.compare_set(keys.leader_term(group, epoch, term), "", str(me)).decode())
+
+
+def _lead(store, group: str, epoch: int, me: int, expected: list[int], window_s: float,
+          place, failed_leaders: list[int], window_ends: float) -> None:
+    """Wait for the expected ranks (until ``window_ends``), then publish the members, unless
+    another term's leader published first (``compare_set``: one publication per epoch)."""
+    awaited = [r for r in expected if r not in failed_leaders]
+    while time.monotonic() < window_ends:
+        if all(store.check([keys.registered(group, epoch, r)]) for r in awaited):
+            break
+        time.sleep(0.005)
+    candidates = (set(expected) | {me}) - set(failed_leaders)
+    members = sorted(r for r in candidates if store.check([keys.registered(group, epoch, r)]))
+    placement = place(members)
+    store.compare_set(keys.members(group, epoch), "", json.dumps(
+        {"members": members, "leader": me,
+         "placement": {str(r): list(e) for r, e in placement.items()}}))
