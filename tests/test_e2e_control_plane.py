@@ -111,6 +111,9 @@ def test_a_stall_knob_changes_nothing_while_fault_injection_is_off(keyed_server)
 @pytest.mark.parametrize("setting, named", [
     ('{"elastic_ft": {"deadline_s": NaN}}', "elastic_ft.deadline_s"),
     ('{"elastic_ft": {"min_live_ranks": 5}}', "elastic_ft.min_live_ranks"),
+    ('{"elastic_ft": {"max_rebuilds": true}}', "elastic_ft.max_rebuilds"),
+    ('{"elastic_ft": {"deadline_s": 0.5, "heartbeat_interval_s": 1.0}}', "elastic_ft.deadline_s"),
+    ('{"elastic_ft": {"rebuild_budget_s": 2.0}}', "elastic_ft.rebuild_budget_s"),
 ])
 def test_a_bad_setting_stops_the_server_in_seconds_before_any_model_loads(tiny_moe_path,
                                                                        setting, named):
