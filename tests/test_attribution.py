@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import pytest
 
 from vllm_elastic_ft.watchdog.attribution import (
     RankStatus, attribute, probe_process, silent_members,
@@ -106,3 +107,28 @@ def test_probe_process_sees_alive_stopped_and_gone():
         proc.kill()
         proc.wait()
     assert probe_process(proc.pid) == "gone"
+
+
+def test_a_rank_in_another_pid_namespace_is_never_probed_in_our_proc():
+    """Issue 13: nodes (containers, the simulated nodes of the tests) can share a host name
+    across PID namespaces, where a pid number is another process or none: such a peer is
+    judged by its heartbeat (``unknown``), never by our /proc."""
+    import shutil
+    import subprocess
+    import sys
+
+    from vllm_elastic_ft.watchdog.attribution import RankStatus, local_probe, this_host
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) on this machine")
+    code = ("from vllm_elastic_ft.watchdog.attribution import RankStatus, this_host\n"
+            "import os, time\n"
+            "print(RankStatus(1, os.getpid(), this_host(), time.time(), 0, 0).encode().decode())")
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                           code], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot make a PID namespace here: {proc.stderr.strip()[-200:]}")
+    remote = RankStatus.decode(proc.stdout.strip().splitlines()[-1].encode())
+    assert remote.pid == 1, "its pid is 1 in its namespace: in ours, that is init"
+    assert remote.host != this_host()
+    assert local_probe(remote) == "unknown"

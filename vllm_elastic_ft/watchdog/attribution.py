@@ -109,7 +109,7 @@ def probe_process(pid: int) -> str:
 
 def local_probe(status: RankStatus, host: str | None = None) -> str:
     """Probe ``status``'s process if it runs on this host, else ``unknown``."""
-    if status.host != (host or socket.gethostname()):
+    if status.host != (host or this_host()):
         return "unknown"
     return probe_process(status.pid)
 
@@ -222,7 +222,17 @@ def attribute(
 
 
 def this_host() -> str:
-    return socket.gethostname()
+    """Where this process's pid means something: the host name and the PID namespace.
+
+    Two ranks may probe each other in ``/proc`` only when both agree. Host names alone
+    are not enough: containers (and the simulated nodes of the tests) share a host
+    name across PID namespaces, where the same number is another process or none, and
+    a live peer would be named dead (issue 13)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:  # no /proc: the host name is all there is
+        return socket.gethostname()
+    return f"{socket.gethostname()}/{namespace}"
 
 
 def this_pid() -> int:
