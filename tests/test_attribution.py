@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+
 import pytest
 
 from vllm_elastic_ft.watchdog.attribution import (
