@@ -576,3 +576,35 @@ def test_experts_a_survivor_gave_back_are_mapped_again_without_a_second_copy():
     assert layer.expert_map_manager._expert_mask.tolist() == [1] * 8
     assert layer.w13_weight.shape[0] == 8 and torch.equal(layer.w13_weight.data, weights)
     assert expert_loader.parked_experts(layer) == {}
+
+
+def test_a_headless_launcher_keeps_its_other_engines_when_one_is_lost(monkeypatch):
+    """A secondary node's launcher (vLLM's --headless) has no front end: a lost engine is the
+    group's to heal, the node's other engines go on (stock vLLM shuts them all down)."""
+    from vllm_elastic_ft.config import ElasticFTConfig
+    from vllm_elastic_ft.vllm import headless
+    from vllm_elastic_ft.vllm.patches.api_server import no_cascade
+
+    monkeypatch.setattr(no_cascade, "frontend_recovery", lambda: None)
+    monkeypatch.setattr(headless, "_config", None)
+    shut = threading.Event()
+    manager = SimpleNamespace(processes=[_engine_like("EngineCore_DP2"),
+                                         _engine_like("EngineCore_DP3")],
+                              manager_stopped=threading.Event(), failed_proc_name=None,
+                              shutdown=shut.set)
+    lost, other = manager.processes
+    headless.mark(ElasticFTConfig())
+    monitor = threading.Thread(target=no_cascade._make_monitor(lambda self: None),
+                               args=(manager,), daemon=True)
+    monitor.start()
+    try:
+        lost.kill()
+        deadline = time.monotonic() + 30
+        while manager.processes != [other] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert manager.processes == [other] and not shut.is_set(), "the other engine goes on"
+        other.kill()
+        assert shut.wait(30), "no engine left: shut down as stock"
+    finally:
+        for proc in list(manager.processes):
+            proc.kill()

@@ -79,7 +79,13 @@ def complete_once(
     )
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         payload = json.loads(resp.read())
-    return list(payload["choices"][0]["token_ids"])
+    choice = payload["choices"][0]
+    # A 200 can carry a request the server gave up on (finish_reason "abort" or "error",
+    # with the tokens it had): that is a lost request, not a completion.
+    if choice.get("finish_reason") not in ("length", "stop"):
+        raise RuntimeError(f"request ended with finish_reason={choice.get('finish_reason')!r} "
+                           f"after {len(choice.get('token_ids') or [])} token(s)")
+    return list(choice["token_ids"])
 
 
 def run_load(

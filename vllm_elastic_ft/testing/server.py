@@ -37,6 +37,7 @@ class ServerSpec:
         plugin: load vllm-elastic-ft (``VLLM_PLUGINS``); False gives stock vLLM.
         extra_args: more ``api_server`` arguments.
         env: more environment variables.
+        host: the address the server (and its watchdog store) listens on.
     """
 
     model: str
@@ -45,13 +46,14 @@ class ServerSpec:
     plugin: bool = True
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
 
     def argv(self, port: int) -> list[str]:
         args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model,
             "--served-model-name", "tiny-moe",
-            "--host", "127.0.0.1",
+            "--host", self.host,
             "--port", str(port),
             "--dtype", "float32",
             "--max-model-len", "512",
@@ -89,8 +91,10 @@ class ServerFailed(RuntimeError):
 class VLLMServer:
     """A running ``api_server`` process. Use as a context manager."""
 
-    def __init__(self, spec: ServerSpec, log_path: str | os.PathLike, port: int | None = None):
+    def __init__(self, spec: ServerSpec, log_path: str | os.PathLike, port: int | None = None,
+                 popen: Callable[..., subprocess.Popen] = subprocess.Popen):
         self.spec = spec
+        self.popen = popen  # how to start it (testing/nodes.py: on a simulated node)
         self.port = port or free_port()
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
@@ -105,11 +109,11 @@ class VLLMServer:
         """The locator of the server's watchdog store (None without the plugin)."""
         if not self.spec.plugin:
             return None
-        return locator("127.0.0.1", self.store_port, self.store_secret)
+        return locator(self.spec.host, self.store_port, self.store_secret)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.spec.host}:{self.port}"
 
     # ----------------------------------------------------------------- life
     def start(self) -> VLLMServer:
@@ -117,9 +121,9 @@ class VLLMServer:
         log = open(self.log_path, "wb")
         argv, env = self.spec.argv(self.port), self.spec.environ()
         if self.spec.plugin:
-            argv += ["--elastic-ft-store", f"127.0.0.1:{self.store_port}"]
+            argv += ["--elastic-ft-store", f"{self.spec.host}:{self.store_port}"]
             env[STORE_SECRET_ENV] = self.store_secret
-        self.proc = subprocess.Popen(
+        self.proc = self.popen(
             argv,
             env=env,
             stdout=log,

@@ -134,6 +134,10 @@ def _make_create_engine_config(original: Callable[..., Any]) -> Callable[..., An
         config.check_for_world(engine_config.parallel_config.data_parallel_size)
         # The engine-core and worker processes spawned after this inherit it.
         export_config(config)
+        if kwargs.get("headless"):  # vLLM's headless launcher: the front end is elsewhere
+            from vllm_elastic_ft.vllm import headless
+
+            headless.mark(config)
         # Engine processes are spawned after this: host the watchdog store now
         # so that they inherit its address.
         if engine_config.parallel_config.data_parallel_size > 1:

@@ -8,7 +8,9 @@ in-engine recovery switched on in the API server (``frontend_recovery.install``)
 the monitor hands a lost engine to the recovery (route around it, move its
 requests) and keeps watching the others; it still shuts everything down when
 no engine is left, when fewer than ``min_live_ranks`` remain, or when the
-recovery is switched off. The engine core's side (no ``ENGINE_CORE_DEAD``
+recovery is switched off. In vLLM's headless launcher (a secondary node: the
+front end is on the head node, ``vllm/headless.py``) a lost engine is left to
+the group and the other local engines go on. The engine core's side (no ``ENGINE_CORE_DEAD``
 frame) is ``patches/engine_core/no_cascade.py``.
 """
 
@@ -18,6 +20,7 @@ from multiprocessing import connection
 from typing import Any, Callable
 
 from vllm_elastic_ft.logging_utils import get_logger
+from vllm_elastic_ft.vllm import headless
 from vllm_elastic_ft.vllm.frontend_recovery import frontend_recovery
 from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 
@@ -64,6 +67,14 @@ def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
                 # Asked at each death, not at start: the recovery is installed
                 # once the API server knows its config, after this thread starts.
                 recovery = frontend_recovery()
+                if recovery is None and headless.tolerates_loss() and watched:
+                    # A secondary node's launcher: the head node's group heals without
+                    # this rank; the other local engines serve on.
+                    logger.warning("engine %s exited (code %s): the group goes on without it; "
+                                   "%d local engine(s) left", proc.name, proc.exitcode,
+                                   len(watched))
+                    _forget(self, proc)
+                    continue
                 if recovery is None or len(watched) < recovery.min_live_ranks:
                     self.failed_proc_name = proc.name
                     if recovery is not None:

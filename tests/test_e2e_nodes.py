@@ -1,0 +1,99 @@
+"""A DP group across two simulated nodes (issue 13): vLLM's own multi-node DP, DP=4 with EP,
+2 ranks per node. Node 1 runs vLLM's headless launcher in a network and PID namespace of its
+own (``testing/nodes.py``): the head node cannot see its processes in ``/proc``; the
+watchdog store is on the head node, at its DP address.
+
+1. SIGKILL of rank 2's worker (on node 1) under load: named dead (by its node-mate, the only
+   rank that can see its process), the group rebuilds in place without it, every request
+   completes with its no-fault tokens (only a 503 while fenced is retried: counted).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from vllm_elastic_ft import faults
+from vllm_elastic_ft.comm import keys
+from vllm_elastic_ft.comm.store import connect_store
+from vllm_elastic_ft.loadgen import run_load
+from vllm_elastic_ft.reports_in_logs import fault_reports
+from vllm_elastic_ft.testing import nodes as simulated
+from vllm_elastic_ft.testing.multinode import MultiNodeServer
+from vllm_elastic_ft.testing.server import ServerSpec
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tiny_moe_path, tmp_path_factory):
+    why = simulated.unavailable()
+    if why:
+        pytest.skip(why)
+    spec = ServerSpec(tiny_moe_path, data_parallel_size=4, expert_parallel=True,
+                      extra_args=["--elastic-ft-deadline-s", "2",
+                                  "--elastic-ft-rebuild-budget-s", "20"])
+    with simulated.SimulatedNodes(2) as nodes, \
+            MultiNodeServer(nodes, spec, 2, tmp_path_factory.mktemp("nodes")) as server:
+        server.wait_ready(900)
+        yield server
+
+
+def _logs(server: MultiNodeServer) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(server.log_dir.glob("*.log")))
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_rank_killed_on_the_secondary_node_is_named_and_the_group_heals(two_nodes):
+    server = two_nodes
+    store = connect_store(server.store)
+    assert server.head.get_json("/elastic_ft/status")["state"] == "HEALTHY"
+    no_fault = {p: server.head.greedy_tokens(p, 32) for p in PROMPTS}
+    victim = server.worker_pid(2)
+    results: list = []
+    # Only a 503 is retried: the design's refusal of new requests while the group is fenced
+    # (counted below); any other failure is a lost request.
+    load = threading.Thread(target=lambda: results.append(run_load(
+        server.url, PROMPTS, 32, 8, max_tokens=32, timeout_s=180, progress_every_s=None,
+        retry_for_s=60)), daemon=True)
+    load.start()
+    time.sleep(2.0)  # requests are running on every rank
+    injection = faults.signal_process("kill", victim, 2)
+    _wait(lambda: store.check([keys.serving("dp", 1)]), 60, "the group to serve at epoch 1")
+    serving_s = time.time() - injection.at
+    load.join(timeout=300)
+    summary = results[0]
+    assert summary.failed == 0 and summary.ok == 32, [r.error for r in summary.records
+                                                      if not r.ok]
+    wrong = [(r.index, r.prompt, r.token_ids, no_fault[r.prompt]) for r in summary.records
+             if r.token_ids != no_fault[r.prompt]]
+    assert not wrong, (len(wrong), wrong[:2])
+    members = json.loads(store.get(keys.members("dp", 1)))
+    assert members["members"] == [0, 1, 3]
+    assert sorted(e for ex in members["placement"].values() for e in ex) == list(range(8))
+    reports = [r for r in fault_reports(_logs(server)) if 2 in r["suspects"]]
+    assert reports, "nobody named rank 2"
+    first = min(reports, key=lambda r: r["detected_at"])
+    assert first["kind"] == "dead", first
+    # Only its node-mate can see its process; the head node's ranks cannot probe it.
+    for report in reports:
+        if report["reporter"] in (0, 1):
+            assert "is gone" not in json.dumps(report["evidence"]), report
+    detect_s = first["detected_at"] - injection.at
+    print(f"two nodes: rank 2 named dead by rank {first['reporter']} after {detect_s:.3f}s; "
+          f"serving again at epoch 1 after {serving_s:.2f}s; 503s retried: {summary.retried}")
+    assert detect_s < 2.0, detect_s
