@@ -6,6 +6,9 @@ watchdog store is on the head node, at its DP address.
 1. SIGKILL of rank 2's worker (on node 1) under load: named dead (by its node-mate, the only
    rank that can see its process), the group rebuilds in place without it, every request
    completes with its no-fault tokens (only a 503 while fenced is retried: counted).
+2. Node 1's link cut under load (its processes live on): the head side, which has the store,
+   rebuilds without it and serves, no request lost; once the link is back, the cut-off rank
+   is refused (fenced out at its stale epoch) and the group serves on, at the same epoch.
 """
 
 from __future__ import annotations
@@ -97,3 +100,56 @@ def test_a_rank_killed_on_the_secondary_node_is_named_and_the_group_heals(two_no
     print(f"two nodes: rank 2 named dead by rank {first['reporter']} after {detect_s:.3f}s; "
           f"serving again at epoch 1 after {serving_s:.2f}s; 503s retried: {summary.retried}")
     assert detect_s < 2.0, detect_s
+
+
+def test_a_partitioned_node_is_left_out_and_refused_after_the_link_returns(two_nodes):
+    """Issue 13: node 1's link goes down (its processes live on, unreachable) under load. The
+    head side, which has the store, rebuilds without it and serves; no request is lost (only
+    a 503 while fenced is retried, counted). When the link returns, the cut-off rank is not
+    let back in by itself: the head side's membership stays, and it serves on."""
+    server = two_nodes
+    store = connect_store(server.store)
+    from vllm_elastic_ft.group.fencing import current_epoch
+
+    before = current_epoch(store, "dp")
+    members_before = json.loads(store.get(keys.members("dp", before)))["members"]
+    cut_off = [r for r in members_before if r >= 2]
+    assert cut_off, members_before
+    results: list = []
+    load = threading.Thread(target=lambda: results.append(run_load(
+        server.url, PROMPTS, 32, 8, max_tokens=32, timeout_s=180, progress_every_s=None,
+        retry_for_s=90)), daemon=True)
+    load.start()
+    time.sleep(2.0)
+    cut_at = time.time()
+    server.nodes.cut(1)
+
+    def head_side_serving():
+        epoch = current_epoch(store, "dp")
+        if epoch <= before or not store.check([keys.serving("dp", epoch)]):
+            return None
+        return epoch, json.loads(store.get(keys.members("dp", epoch)))["members"]
+
+    epoch, members = _wait(head_side_serving, 90, "the head side to serve without node 1")
+    serving_s = time.time() - cut_at
+    assert members == [r for r in members_before if r < 2], members
+    load.join(timeout=300)
+    summary = results[0]
+    assert summary.failed == 0 and summary.ok == 32, [r.error for r in summary.records
+                                                      if not r.ok]
+    server.nodes.heal(1)
+    time.sleep(10)  # the cut-off rank sees the store again
+    latest = current_epoch(store, "dp")
+    assert all(r not in json.loads(store.get(keys.members("dp", e)))["members"]
+               for e in range(epoch, latest + 1) if store.check([keys.members("dp", e)])
+               for r in cut_off), "a cut-off rank got back in by itself"
+    after: list = []
+    load = threading.Thread(target=lambda: after.append(run_load(
+        server.url, PROMPTS, 12, 4, max_tokens=16, timeout_s=120, progress_every_s=None,
+        retry_for_s=30)), daemon=True)
+    load.start()
+    load.join(timeout=200)
+    assert after[0].failed == 0 and after[0].ok == 12
+    print(f"partition: head side serving at epoch {epoch} with {members} after {serving_s:.2f}s;"
+          f" 503s retried during the cut: {summary.retried}; epoch after the link returned: "
+          f"{latest}")
