@@ -2,8 +2,9 @@
 
 Every transition becomes one structured event (group, epoch, rank, event,
 state, reason, t): logged and kept in ``events`` (the drill's timeline comes
-from them). The controller is cheap and holds no thread; whoever owns
-it feeds it events (fault reports, rebuild progress, ticks).
+from them), the newest ``GroupController.max_events`` of them. The controller
+is cheap and holds no thread; whoever owns it feeds it events (fault reports,
+rebuild progress, ticks).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ logger = get_logger(__name__)
 
 class GroupController:
     """The state of one DP group, seen from one process (a rank or the front end)."""
+
+    #: How many events ``events`` keeps (the newest). Every fault + replace cycle adds
+    #: about 8, for the life of the process: unbounded, a long-lived survivor's list
+    #: grew ~3 KiB per cycle forever (issue 12, ``benchmarks/harness_soak.py``). The
+    #: status endpoint shows the last 20; every event is also in the log.
+    max_events = 256
 
     def __init__(self, group: str, world_size: int, options: ControllerOptions | None = None,
                  hook: OrchestrationHook | None = None, rank: int = -1,
@@ -74,6 +81,10 @@ class GroupController:
                  "state": view.state.value, "reason": view.reason, "t": view.since,
                  "live_ranks": list(view.live_ranks)}
         self.events.append(event)
+        if len(self.events) > self.max_events:
+            # A new list, not an in-place delete: a reader on another thread that
+            # iterates the old one is not shifted under its feet.
+            self.events = self.events[-self.max_events:]
         logger.warning("group %s rank %d epoch %d: %s -> %s (%s)", view.group, self.rank,
                        view.epoch, event_name, view.state.value, view.reason)
 

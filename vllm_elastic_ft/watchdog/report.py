@@ -68,18 +68,33 @@ class FaultSink(Protocol):
 
 
 class LogAndCountSink:
-    """The default sink: one ERROR log line per report, and counters by kind."""
+    """The default sink: one ERROR log line per report, and counters by kind.
+
+    ``reports`` keeps the newest :attr:`max_reports` reports (the recovery core reads
+    only the current epoch's); ``total`` and ``counts`` count every one.
+    """
+
+    #: A rank's watchdog publishes about one report per fault for the life of its
+    #: process: kept unbounded, a survivor of many fault + replace cycles held every
+    #: one of them (issue 12). Every report is also in the log and the store.
+    max_reports = 256
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reports: list[FaultReport] = []
         self.counts: dict[str, int] = {k.value: 0 for k in FaultKind}
+        self._total = 0
 
     def publish(self, report: FaultReport) -> None:
         with self._lock:
             self.reports.append(report)
+            if len(self.reports) > self.max_reports:
+                # A new list, not an in-place delete: the recovery core iterates the
+                # reports on another thread and must not skip one.
+                self.reports = self.reports[-self.max_reports:]
             self.counts[report.kind.value] += 1
-            total = len(self.reports)
+            self._total += 1
+            total = self._total
         logger.error(
             "FaultReport #%d group=%s epoch=%d rank=%d suspects=%s kind=%s trigger=%s: %s | %s",
             total, report.group, report.epoch, report.reporter, list(report.suspects),
@@ -88,7 +103,8 @@ class LogAndCountSink:
 
     @property
     def total(self) -> int:
-        return len(self.reports)
+        """Reports published so far (``reports`` may keep fewer)."""
+        return self._total
 
 
 class RankFaultError(RuntimeError):
