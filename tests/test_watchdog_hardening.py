@@ -337,3 +337,35 @@ def test_a_warmup_call_is_not_cut_at_the_deadline_but_by_the_finite_fallback(sto
         pair.release()
         peer.shutdown()
         wd.shutdown()
+
+
+def test_a_peer_whose_clock_is_far_behind_is_not_stale_while_it_beats(store):
+    """Issue 13: across hosts the clocks differ. A peer 30 s behind (> heartbeat_stale_s) that
+    keeps beating is never named; once it stops, it is named within stale_s + a few ticks,
+    timed on the watcher's own clock."""
+    stale_s = 0.6
+    sink = LogAndCountSink()
+    stop = threading.Event()
+    skew_s = -30.0
+
+    def beat():
+        client = _client(store)
+        while not stop.is_set():
+            client.set(keys.heartbeat(GROUP, 0, 1),
+                       RankStatus(1, 4242, "elsewhere", time.time() + skew_s, 0, 0).encode())
+            time.sleep(INTERVAL_S)
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    wd = _watchdog(store, 0, 2, sink, heartbeat_stale_s=stale_s)
+    try:
+        time.sleep(5 * stale_s)
+        assert not _reports_on(sink, 1), "a beating peer was named for its clock"
+        stop.set()
+        beater.join(timeout=5)
+        stopped = time.time()
+        report = _wait_for("rank 1 named", lambda: _reports_on(sink, 1))[0]
+        assert report.kind is FaultKind.HUNG, report
+        assert report.detected_at - stopped < stale_s + 1.0, report.detected_at - stopped
+    finally:
+        wd.shutdown()

@@ -505,8 +505,14 @@ class RankWatchdog:
             return None
 
     def _heard_from(self, rank: int, status: RankStatus | None, now: float) -> RankStatus:
-        """The status to judge ``rank`` by: ``status`` (None: no valid one this tick),
-        its time capped at when this rank first read it."""
+        """The status to judge ``rank`` by: ``status`` (None: no valid one this tick), timed
+        by when this rank first read that value, on this rank's own clock.
+
+        A heartbeat's age is how long its value has not changed (each beat writes a new
+        one), never this clock minus the writer's: across hosts the two clocks differ, and
+        a peer whose clock is behind by more than ``heartbeat_stale_s`` would look stale
+        while it beats, one ahead would look fresh after it died (issue 13). It costs at
+        most one read interval of detection."""
         heard = self._heard.get(rank)
         if status is None:
             if heard is None:  # never a valid one: unknown process, beating until now
@@ -514,7 +520,7 @@ class RankWatchdog:
         elif heard is None or heard[0] != status:
             heard = self._heard[rank] = (status, now)
         status, first_read = heard
-        return status if status.t <= first_read else replace(status, t=first_read)
+        return replace(status, t=first_read)
 
     def _report(self, verdict: Verdict, trigger: str, op: str | None, seq: int | None) -> None:
         # One report per fault: per suspect set and kind, and per missed call.
