@@ -89,6 +89,13 @@ class WatchdogSettings:
     #: WARMUP_FALLBACK_FLOOR_S and WARMUP_FALLBACK_FACTOR x ``deadline_s``. Not an
     #: ``ElasticFTConfig`` setting (tests and benchmarks set it).
     warmup_fallback_s: float = 0.0  # last: positional callers keep working
+    #: How a tick finds its peers' heartbeat keys: ``batched`` (one ``check`` of every
+    #: key known to exist in this epoch, one per key only for ranks not seen yet: O(1)
+    #: store requests per tick once every rank beats) or ``per_peer`` (one ``check``
+    #: per peer and tick, the design before: O(N) per rank, O(N^2) on the store).
+    #: Both then read every existing key in one ``multi_get``. Not an
+    #: ``ElasticFTConfig`` setting (``benchmarks/control_plane_scale.py`` compares them).
+    peer_reads: str = "batched"
 
     @property
     def warmup_limit_s(self) -> float:
@@ -101,7 +108,7 @@ class WatchdogSettings:
     @classmethod
     def from_config(cls, config) -> WatchdogSettings:
         names = cls.__dataclass_fields__.keys() - {"poll_interval_s", "prefer_native",
-                                                   "warmup_fallback_s"}
+                                                   "warmup_fallback_s", "peer_reads"}
         return cls(**{n: getattr(config, n) for n in names},
                    prefer_native=getattr(config, "watchdog_native", True))
 
@@ -129,11 +136,15 @@ class RankWatchdog:
         sink: where reports go (default: log line + counters).
         injection: the fault-injection hook (``faults.injection``), only where a
             deployment switched ``fault_injection`` on; None reads no injection key.
+        host: the host name this rank publishes (default: this machine's). Peers
+            probe ``/proc`` only for ranks that publish their own host name; others
+            are judged by heartbeat staleness (a benchmark groups ranks of one
+            machine into virtual hosts with it, as ranks of several machines).
     """
 
     def __init__(self, settings: WatchdogSettings, store, group: str, rank: int,
                  world_size: int, epoch: int = 0, sink: FaultSink | None = None,
-                 injection=None):
+                 injection=None, host: str | None = None):
         self.settings = settings
         self.store = store
         self.group = group
@@ -157,6 +168,8 @@ class RankWatchdog:
         self._logged_failing: set[str] = set()  # step:kind logged in the current streak
         #: Per rank: its last valid status and when this rank first read it (wall clock).
         self._heard: dict[int, tuple[RankStatus, float]] = {}
+        #: Ranks whose heartbeat key exists in this epoch (keys are never deleted in one).
+        self._beating: set[int] = set()
         self._peer_fault_epoch = -1  # epoch in which a dead/hung peer was reported
         #: The group epoch last read from the store; ahead of ``epoch`` means
         #: this rank is fenced out and must not communicate.
@@ -169,7 +182,7 @@ class RankWatchdog:
         #: Called on the watcher thread after every tick (outside the watchdog's lock):
         #: how a rank that sits idle learns that its group needs a rebuild.
         self.after_tick: Callable[[], None] | None = None
-        self._host = attribution.this_host()
+        self._host = host or attribution.this_host()
         self._pid = attribution.this_pid()
         self._triggers: queue.SimpleQueue[_Trigger] = queue.SimpleQueue()
         self._pending: list[_Trigger] = []
@@ -351,6 +364,7 @@ class RankWatchdog:
             self._pending.clear()
             self._reported.clear()
             self._heard.clear()  # the new epoch's keys, and ranks renumbered
+            self._beating.clear()
             self._logged_bad.clear()
         logger.info("rank watchdog: group=%s now epoch=%d rank=%d/%d", self.group, epoch, rank,
                     world_size)
@@ -485,13 +499,30 @@ class RankWatchdog:
         is younger than when this rank first read it: a clock ahead, or a bogus
         ``t``, cannot keep a heartbeat that no longer changes fresh forever.
         """
-        ranks = [r for r in range(self.world_size)
-                 if self.store.check([keys.heartbeat(self.group, self.epoch, r)])]
+        ranks = self._beating_ranks()
         values = (self.store.multi_get([keys.heartbeat(self.group, self.epoch, r) for r in ranks])
                   if ranks else [])
         now = time.time()
         return {rank: self._heard_from(rank, self._decoded(rank, raw), now)
                 for rank, raw in zip(ranks, values)}
+
+    def _beating_ranks(self) -> list[int]:
+        """The ranks that have a heartbeat key in this epoch (``settings.peer_reads``).
+
+        ``batched``: the keys already known to exist are checked in one request
+        (``check`` of several keys is true when all exist), only the ranks not seen
+        yet one by one; once every rank beats, a tick costs O(1) requests, not one
+        per peer. Should the batch come back false (a key gone: nothing deletes one
+        within an epoch), every key is checked one by one again, as ``per_peer`` does.
+        """
+        hb = [keys.heartbeat(self.group, self.epoch, r) for r in range(self.world_size)]
+        if self.settings.peer_reads == "per_peer":
+            return [r for r in range(self.world_size) if self.store.check([hb[r]])]
+        if self._beating and not self.store.check([hb[r] for r in sorted(self._beating)]):
+            self._beating.clear()
+        self._beating.update(r for r in range(self.world_size)
+                             if r not in self._beating and self.store.check([hb[r]]))
+        return sorted(self._beating)
 
     def _decoded(self, rank: int, raw: bytes) -> RankStatus | None:
         """Rank ``rank``'s status from its key, or None (counted, logged once) if unusable."""
