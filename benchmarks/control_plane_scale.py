@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.transport == "gloo" and args.emulated:
         parser.error("--transport gloo runs one rank per process: no --emulated widths")
 
+    # SIGTERM: tear the case down like any error (no stray rank or store process).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"terminated (SIGTERM) at {time.time()}"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["vllm_elastic_ft.testing.control_plane"])
