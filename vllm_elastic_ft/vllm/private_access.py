@@ -251,7 +251,7 @@ THIRD_PARTY: tuple[PrivateAccess, ...] = (
         access="call",
         why="A test rank process leaves without tearing down process groups whose peers "
         "may be dead (it could block); documented standard-library API.",
-        used_in="vllm_elastic_ft/testing/harness.py",
+        used_in="vllm_elastic_ft/testing/harness.py, vllm_elastic_ft/testing/control_plane.py",
     ),
 )
 
