@@ -40,6 +40,9 @@ MONITOR = PatchSpec(
 
 SPECS = (MONITOR,)
 
+# How long the monitor waits to reap an engine whose sentinel fired (it has exited).
+_REAP_TIMEOUT_S = 2.0
+
 
 def _rank_of(proc, index: int) -> int:
     name = getattr(proc, "name", "") or ""
@@ -99,10 +102,14 @@ def _forget(manager, proc) -> None:
     except ValueError:
         pass
     try:
-        proc.join(timeout=0)
+        # The sentinel is ready when the child's pipe end closes, which can be a moment
+        # before the child can be reaped: wait for that briefly (it has exited already), or
+        # close() would refuse a process it still thinks is running.
+        proc.join(timeout=_REAP_TIMEOUT_S)
         proc.close()
-    except (ValueError, AttributeError):  # not a multiprocessing.Process, or still running
-        pass
+    except (ValueError, AttributeError) as exc:  # not a multiprocessing.Process, or not reaped
+        logger.warning("engine %s: its process handle stays open (%s)",
+                       getattr(proc, "name", proc), exc)
 
 
 def apply() -> None:
