@@ -102,11 +102,6 @@ def test_a_rank_killed_on_the_secondary_node_is_named_and_the_group_heals(two_no
     assert detect_s < 2.0, detect_s
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known race in the recovery core (open): after a hung peer is left out, one survivor can "
-    "have finished the DP all-reduce of a step the other has not, and the group goes to "
-    "FAILED ('ranks [0, 1] are at different steps [272, 273] after a rebuild'); passed in 1 "
-    "of 2 runs"))
 def test_a_partitioned_node_is_left_out_and_refused_after_the_link_returns(two_nodes):
     """Issue 13: node 1's link goes down (its processes live on, unreachable) under load. The
     head side, which has the store, rebuilds without it and serves; no request is lost (only

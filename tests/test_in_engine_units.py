@@ -220,6 +220,51 @@ def test_a_joining_worker_runs_its_collectives_alone():
     assert combined.flatten().tolist() == [3.0, 4.0]
 
 
+def _batch_sync_against(peer_step: int, my_step: int = 272):
+    """A live worker's batch all-reduce where the other member (rank 1) is at
+    ``peer_step``: the transport's sum is played by adding that peer's column."""
+    from vllm_elastic_ft.group.member import GroupMember
+    from vllm_elastic_ft.vllm import worker_group as wg
+
+    group = wg.WorkerGroup.__new__(wg.WorkerGroup)
+    group.id, group.world = 0, 2
+    member = GroupMember.__new__(GroupMember)
+    member.id, member.members, member.step = 0, epochs.ms.Membership(1, (0, 1), {}, -1), my_step
+    member.run_step = lambda attempt: attempt(True)
+    member.served = lambda: None
+    failures = []
+
+    def fail(reason):
+        failures.append(reason)
+        raise wg.GroupFailedError(reason)
+
+    member.fail = fail
+    group.member, group.watchdog, group.transport = member, None, None
+    group._redo_step, group.last_column = False, [3]
+
+    def peer_sum(_watchdog, _transport, tensor):
+        tensor[0, 1], tensor[1, 1] = 4, peer_step
+
+    return group, peer_sum, failures
+
+
+def test_a_survivor_that_finished_the_interrupted_step_is_not_a_failure(monkeypatch):
+    """After a rebuild one survivor may redo step n while its peer had finished it and is at
+    n + 1 (seen across two nodes: steps [272, 273]). Each column is the size of the
+    forward each runs next, so the sync goes through and the laggard counts on from n + 1."""
+    from vllm_elastic_ft.vllm import worker_group as wg
+
+    group, peer_sum, failures = _batch_sync_against(peer_step=273)
+    monkeypatch.setattr(wg, "guarded_all_reduce", peer_sum)
+    counts = group.all_reduce_batch((), retry=True)
+    assert counts.tolist() == [[3, 4]] and not failures
+    assert group.member.step == 273
+    group, peer_sum, failures = _batch_sync_against(peer_step=275)
+    monkeypatch.setattr(wg, "guarded_all_reduce", peer_sum)
+    with pytest.raises(wg.GroupFailedError, match="more than one step apart"):
+        group.all_reduce_batch((), retry=True)
+
+
 def test_dead_ranks_get_zero_rows_in_a_dispatch_result():
     from vllm_elastic_ft.vllm.worker_group import _insert_dead_rows
 
