@@ -75,8 +75,9 @@ def cmd_fault(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    from vllm_elastic_ft.drill import run_drill
+    from vllm_elastic_ft.drill import check_drill_args, run_drill
 
+    check_drill_args(args)  # before any model is built or loaded
     return run_drill(args, _tiny_model(args))
 
 
@@ -195,8 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("drill", help="the main job: a rank fails under load; timeline + JSON")
     _add_model_args(p)
     p.add_argument("--dp", type=int, default=4, help="data-parallel size (EP on)")
-    p.add_argument("--fault", choices=("kill", "stop", "slow"), default="kill")
+    p.add_argument("--fault", choices=("kill", "stop", "slow", "partition"), default="kill",
+                   help="partition (with --nodes 2 or more): the fault rank's node loses its "
+                   "link, its processes live on; the link comes back once the group serves")
     p.add_argument("--fault-rank", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1,
+                   help="run the ranks on this many simulated nodes (network + PID namespaces, "
+                   "needs root): vLLM's API server on node 0, its headless launcher on the "
+                   "others, --dp / --nodes ranks each")
     p.add_argument("--slow-delay-s", type=float, default=3.0,
                    help="slow: delay added to each of the rank's dispatch/combine calls")
     p.add_argument("--second-fault-rank", type=int, default=None,

@@ -21,6 +21,13 @@ rebuilt without it, to show that it is refused. ``--baseline`` runs the same
 load and fault again with in-engine rebuild off (the group restart an
 orchestrator does today) and the deployment on stock vLLM, and reports the
 interruption ratio.
+
+``--nodes N`` runs the same drill with the ranks over N simulated nodes
+(``testing/nodes.py``: network and PID namespaces, vLLM's own multi-node DP
+with its headless launcher on the secondary nodes); ``--fault partition``
+takes the fault rank's node off the network (its processes live on) and
+brings it back once the group serves; ``--rejoin`` then replaces the lost
+ranks on their own node (its launcher is the node agent).
 """
 
 from __future__ import annotations
@@ -103,6 +110,67 @@ class Deployment:
     def alive(self) -> bool:
         return self.server is not None and self.server.proc.poll() is None
 
+    def stop(self) -> None:
+        self.server.stop()
+
+    def rank_pid(self, rank: int, role: str) -> int:
+        return faults.rank_pid(self.server.proc.pid, rank, role)
+
+    def first_log_text(self) -> str:
+        """The logs of the first start (where the fault happened)."""
+        return (self.out / "server-1.log").read_text(errors="replace")
+
+
+class NodesDeployment(Deployment):
+    """The group over ``nodes`` simulated nodes (``testing/nodes.py``), ``dp / nodes`` ranks
+    each: vLLM's API server on node 0, vLLM's headless launcher on the others."""
+
+    def __init__(self, spec: ServerSpec, out: Path, nodes: int):
+        super().__init__(spec, out)
+        from vllm_elastic_ft.testing.nodes import SimulatedNodes
+
+        self.nodes = SimulatedNodes(nodes)
+        self.ranks_per_node = spec.data_parallel_size // nodes
+        self.group = None
+
+    def start(self) -> float:
+        from vllm_elastic_ft.testing.multinode import MultiNodeServer
+
+        if self.starts == 0:
+            self.nodes.__enter__()
+        self.starts += 1
+        self.group = MultiNodeServer(self.nodes, self.spec, self.ranks_per_node,
+                                     self.out / f"start-{self.starts}").start()
+        self.server = self.group.head
+        return self.group.wait_ready(900)
+
+    def restart(self) -> float:
+        self.group.stop()
+        for index in range(1, len(self.nodes.nodes)):
+            self.nodes.heal(index)  # an orchestrator's restart gets working machines
+        return self.start()
+
+    @property
+    def url(self) -> str:
+        return self.group.url
+
+    def stop(self) -> None:
+        try:
+            if self.group is not None:
+                self.group.stop()
+        finally:
+            self.nodes.__exit__(None, None, None)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def rank_pid(self, rank: int, role: str) -> int:
+        return faults.rank_pid(self.group.root_pid(self.node_of(rank)), rank, role)
+
+    def first_log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted((self.out / "start-1").glob("*.log")))
+
 
 def _follow(deployment: Deployment, timeline: Timeline, stop: threading.Event,
             on_state=None) -> None:
@@ -147,19 +215,33 @@ def _orchestrate(deployment: Deployment, timeline: Timeline, fault_at: threading
         time.sleep(0.1)
 
 
-def _rejoin(deployment: Deployment, timeline: Timeline, rank: int, out: dict) -> None:
-    """Replace lost DP ``rank`` through the API server and record how it went in ``out``."""
-    timeline.add(f"rejoin: replacement for DP rank {rank} requested (POST /elastic_ft/replace)")
-    code, answer = deployment.server.post_json("/elastic_ft/replace", {"rank": rank})
-    out["admitted_at"] = time.time()
-    if code != 200:
-        out["error"] = answer.get("error", f"HTTP {code}")
-        timeline.add(f"rejoin: failed ({out['error']})")
-        return
-    out.update(admitted=True, start_s=answer["start_s"], admit_s=answer["admit_s"],
-               members=answer["members"])
-    timeline.add(f"rejoin: DP rank {rank} admitted, members {answer['members']} (engine up in "
-                 f"{answer['start_s']:.1f}s, pause+admit+resume {answer['admit_s']:.2f}s)")
+def _rejoin(deployment: Deployment, timeline: Timeline, ranks: list[int], out: dict) -> None:
+    """Replace lost DP ``ranks`` through the API server, one after the other, and record how
+    it went in ``out``. A rank whose old engine still runs on its node (a cut-off engine
+    exits once its link is back and it meets its fence) is asked again, for up to 120 s."""
+    out["ranks"] = {}
+    for rank in ranks:
+        timeline.add(f"rejoin: replacement for DP rank {rank} requested "
+                     "(POST /elastic_ft/replace)")
+        deadline = time.monotonic() + 120
+        while True:
+            code, answer = deployment.server.post_json("/elastic_ft/replace", {"rank": rank})
+            if code == 200 or "still running" not in answer.get("error", "") \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+        out["admitted_at"] = time.time()
+        if code != 200:
+            out["error"] = answer.get("error", f"HTTP {code}")
+            timeline.add(f"rejoin: failed ({out['error']})")
+            return
+        out["ranks"][rank] = {k: answer.get(k) for k in ("start_s", "admit_s", "node")}
+        out.update(admitted=len(out["ranks"]) == len(ranks), start_s=answer["start_s"],
+                   admit_s=answer["admit_s"], members=answer["members"])
+        where = f" on {answer['node']}" if answer.get("node") else ""
+        timeline.add(f"rejoin: DP rank {rank} admitted{where}, members {answer['members']} "
+                     f"(engine up in {answer['start_s']:.1f}s, pause+admit+resume "
+                     f"{answer['admit_s']:.2f}s)")
 
 
 def _stale_rank_refused(log_text: str, rank: int) -> bool:
@@ -239,9 +321,11 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
     if args.fault == "slow" or args.second_fault_rank is not None:
         extra += ["--elastic-ft-fault-injection"]  # store knobs: off unless a drill asks
     spec = ServerSpec(model, data_parallel_size=args.dp, expert_parallel=True, extra_args=extra)
-    deployment = Deployment(spec, out)
+    deployment = (NodesDeployment(spec, out, args.nodes) if args.nodes > 1
+                  else Deployment(spec, out))
     timeline = Timeline()
-    print(f"[drill] {label}: starting DP={args.dp} EP deployment (logs in {out})")
+    where = f" over {args.nodes} simulated nodes" if args.nodes > 1 else ""
+    print(f"[drill] {label}: starting DP={args.dp} EP deployment{where} (logs in {out})")
     startup_s = deployment.start()
     injection: list[faults.Injection] = []
     try:
@@ -254,8 +338,10 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
             timeline.add(f"injected: rebuilds held {args.rebuild_hold_s}s (second fault lands in one)")
         fault_fired, load_done, stop_following = (threading.Event() for _ in range(3))
         rejoin: dict = {}
+        lost_ranks = (deployment.group.ranks_on(deployment.node_of(args.fault_rank))
+                      if args.fault == "partition" else [args.fault_rank])
         rejoin_thread = threading.Thread(target=_rejoin, args=(deployment, timeline,
-                                                                args.fault_rank, rejoin),
+                                                                lost_ranks, rejoin),
                                          daemon=True)
         trigger_at = max(1, args.requests // 3)
         done_count = [0]
@@ -267,9 +353,18 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
                 timeline.add(f"fault: slow DP rank {rank} by {args.slow_delay_s}s per "
                              f"dispatch/combine{note}", injection[-1].at)
                 return
-            pid = faults.rank_pid(deployment.server.proc.pid, rank, args.role)
+            if kind == "partition":
+                node = deployment.node_of(rank)
+                deployment.nodes.cut(node)
+                injection.append(faults.Injection("partition", None, rank, time.time()))
+                timeline.add(f"fault: partition: node {node}'s link down (DP ranks "
+                             f"{deployment.group.ranks_on(node)} live on, unreachable){note}",
+                             injection[-1].at)
+                return
+            pid = deployment.rank_pid(rank, args.role)
             injection.append(faults.signal_process(kind, pid, rank))
-            timeline.add(f"fault: {kind} {args.role} of DP rank {rank} (pid {pid}){note}",
+            where = f" on node {deployment.node_of(rank)}" if args.nodes > 1 else ""
+            timeline.add(f"fault: {kind} {args.role} of DP rank {rank}{where} (pid {pid}){note}",
                          injection[-1].at)
 
         def on_record(record: RequestRecord) -> None:
@@ -293,6 +388,13 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
                 injection.append(faults.signal_process("cont", injection[0].pid, args.fault_rank))
                 timeline.add(f"fault: cont rank {args.fault_rank} (it wakes up in an old epoch)",
                              injection[-1].at)
+            if (state == "HEALTHY" and args.fault == "partition" and injection
+                    and not any(i.kind == "heal" for i in injection) and deployment.starts == 1):
+                node = deployment.node_of(args.fault_rank)
+                deployment.nodes.heal(node)
+                injection.append(faults.Injection("heal", None, args.fault_rank, time.time()))
+                timeline.add(f"fault: partition healed: node {node}'s link up (its ranks are "
+                             "at an old epoch)", injection[-1].at)
 
         threads = [
             threading.Thread(target=_follow, args=(deployment, timeline, stop_following, on_state),
@@ -329,10 +431,10 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
                                  f"{event['reason']}", event["t"])
         stop_following.set()
         threads[0].join(timeout=5)
-        log_text = (out / "server-1.log").read_text(errors="replace")
+        log_text = deployment.first_log_text()
         report = next((r for r in fault_reports(log_text) if args.fault_rank in r["suspects"]), None)
     finally:
-        deployment.server.stop()
+        deployment.stop()
 
     fault_wall = injection[0].at if injection else None
 
@@ -351,7 +453,8 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
     ready_in_engine = None if restarted else first_after("group event: RebuildDone -> READY")
     serving_again = None if restarted else first_after("group event: Served -> HEALTHY")
     result = {
-        "label": label, "dp": args.dp, "fault": args.fault, "fault_rank": args.fault_rank,
+        "label": label, "dp": args.dp, "nodes": args.nodes, "fault": args.fault,
+        "fault_rank": args.fault_rank,
         "second_fault_rank": args.second_fault_rank, "role": args.role,
         "recovery": "group_restart" if restarted else "in_engine" if ready_in_engine else "none",
         "detect_s": since_fault(report["detected_at"]) if report else None,
@@ -368,11 +471,12 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         "final_state": final.get("state"), "final_epoch": final.get("epoch"),
         "live_ranks": final.get("live_ranks"), "expert_placement": final.get("expert_placement"),
         "stale_rank_refused": _stale_rank_refused(log_text, args.fault_rank)
-        if args.fault in ("stop", "slow") else None,
+        if args.fault in ("stop", "slow", "partition") else None,
         "rejoin": ({"admitted": rejoin.get("admitted", False),
                     "admitted_s": since_fault(rejoin.get("admitted_at")),
                     "engine_start_s": rejoin.get("start_s"), "admission_s": rejoin.get("admit_s"),
-                    "members": rejoin.get("members"), "error": rejoin.get("error")}
+                    "members": rejoin.get("members"), "error": rejoin.get("error"),
+                    "ranks": rejoin.get("ranks")}
                    if args.rejoin else None),
         "startup_s": round(startup_s, 1), "report": report,
     }
@@ -383,6 +487,30 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
     print("\n".join([f"[drill] {label} timeline (seconds since load start):"]
                     + ["  " + x for x in lines]))
     return result
+
+
+def check_drill_args(args: argparse.Namespace) -> None:
+    """Refuse a drill that cannot run, naming the flag (before any model is built)."""
+    nodes = getattr(args, "nodes", 1)
+    if nodes < 1 or args.dp % nodes:
+        raise SystemExit(f"drill: --nodes must be >= 1 and divide --dp ({args.dp}), got {nodes}")
+    if nodes > 1:
+        from vllm_elastic_ft.testing.nodes import unavailable
+
+        why = unavailable()
+        if why:
+            raise SystemExit(f"drill: --nodes {nodes}: {why}")
+    if not 0 <= args.fault_rank < args.dp:
+        raise SystemExit(f"drill: --fault-rank must be in 0..{args.dp - 1}, got {args.fault_rank}")
+    if args.fault == "partition":
+        if nodes < 2:
+            raise SystemExit("drill: --fault partition needs --nodes 2 or more")
+        if args.fault_rank < args.dp // nodes:
+            raise SystemExit(f"drill: --fault partition cuts the fault rank's node off; the "
+                             f"head node (ranks 0..{args.dp // nodes - 1}) hosts the front end "
+                             f"and the store: pick --fault-rank >= {args.dp // nodes}")
+        if args.baseline:
+            raise SystemExit("drill: --baseline is not available with --fault partition")
 
 
 def run_drill(args: argparse.Namespace, model: str) -> int:

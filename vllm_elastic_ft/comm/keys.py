@@ -26,6 +26,9 @@ the engine cores' DP sync)::
     eft/<g>/e<E>/failed                the group gave up at E (the reason)
     eft/<g>/join_request               a harness rank asking to join
     eft/<g>/join_ticket/<id>           that joiner's admission ticket
+    eft/<g>/node_agent/<id>            the node agent that starts rank <id>'s replacements
+    eft/<g>/replace/<id>               a start (or stop) request for rank <id>'s node agent
+    eft/<g>/replace/<id>/<request>     that node agent's answer to request <request>
     eft/<g>/inject/slow/<rank>         fault injection: delay per guarded call
     eft/<g>/inject/rebuild_delay       fault injection: hold inside a rebuild
     eft/<g>/inject/rebuild_delay/<id>  the same, for rank <id> only
@@ -99,6 +102,18 @@ def admit_experts(group: str, ticket: str) -> str:
 
 def join_request(group: str) -> str:
     return f"{ROOT}/{group}/join_request"
+
+
+def node_agent(group: str, rank_id: int) -> str:
+    return f"{ROOT}/{group}/node_agent/{rank_id}"
+
+
+def replace_request(group: str, rank_id: int) -> str:
+    return f"{ROOT}/{group}/replace/{rank_id}"
+
+
+def replace_answer(group: str, rank_id: int, request_id: str) -> str:
+    return f"{ROOT}/{group}/replace/{rank_id}/{request_id}"
 
 
 def inject_slow(group: str, rank: int) -> str:

@@ -89,12 +89,21 @@ class MultiNodeServer:
         self.stop()
 
     # ------------------------------------------------------------- processes
-    def worker_pid(self, rank: int) -> int:
-        """The host-namespace pid of DP rank ``rank``'s worker (``VLLM::Worker_DP<rank>...``):
-        the node's own pid for it means nothing outside that node."""
-        node = rank // self.ranks_per_node
-        root = self.head.proc if node == 0 else self.secondaries[node - 1]
-        for proc in psutil.Process(root.pid).children(recursive=True):
+    def ranks_on(self, node: int) -> list[int]:
+        """The DP ranks ``node``'s vLLM launcher starts."""
+        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
+
+    def root_pid(self, node: int) -> int:
+        """The host-namespace pid of ``node``'s vLLM launcher (API server or headless)."""
+        return (self.head.proc if node == 0 else self.secondaries[node - 1]).pid
+
+    def worker_pid(self, rank: int, node: int | None = None) -> int:
+        """The host-namespace pid of DP rank ``rank``'s worker (``VLLM::Worker_DP<rank>...``)
+        among the processes of ``node``'s vLLM launcher (default: the node that started
+        the rank): the node's own pid for it means nothing outside that node."""
+        if node is None:
+            node = rank // self.ranks_per_node
+        for proc in psutil.Process(self.root_pid(node)).children(recursive=True):
             try:
                 if proc.name().startswith(f"VLLM::Worker_DP{rank}"):
                     return proc.pid

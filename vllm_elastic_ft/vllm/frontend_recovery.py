@@ -23,7 +23,8 @@ Requests are cached (the ``EngineCoreRequest`` the client sent) from routing to
 completion, since vLLM's front end keeps only part of a request.
 
 :meth:`FrontEndRecovery.replace` brings a lost rank back: it starts a
-replacement engine (``vllm/replacement.py``), pauses the live engines (vLLM's
+replacement engine (``vllm/replacement.py``) on the node that lost the rank
+(here, or through that node's agent, ``vllm/node_agent.py``), pauses the live engines (vLLM's
 DP-aware pause, mode ``keep``: nothing is aborted, new requests queue), has
 every engine admit the replacement (``elastic_ft_admit``), routes to it again
 and resumes.
@@ -35,12 +36,28 @@ import asyncio
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from vllm_elastic_ft.logging_utils import get_logger
 from vllm_elastic_ft.vllm.continuation import remaining_budget
 
 logger = get_logger(__name__)
+
+
+class _Replacement:
+    """A replacement engine started for a lost rank: here (``process``) or on its node
+    (``stop`` asks that node's agent to stop it)."""
+
+    def __init__(self, pid: int, node: str, process: Any = None,
+                 stop: Callable[[], None] | None = None):
+        self.pid, self.node, self.process, self.stop_remote = pid, node, process, stop
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.is_alive():
+                self.process.kill()
+        elif self.stop_remote is not None:
+            self.stop_remote()
 
 
 class FrontEndRecovery:
@@ -63,7 +80,7 @@ class FrontEndRecovery:
         #: True while a replacement is being admitted (the group is paused, not broken).
         self.admitting = False
         self._replacing: int | None = None
-        self.replacements: dict[int, Any] = {}  # rank -> its replacement engine process
+        self.replacements: dict[int, _Replacement] = {}  # rank -> its replacement engine
         #: The front end's view of the group (set by the endpoint plugin).
         self.group_view = None
 
@@ -121,49 +138,73 @@ class FrontEndRecovery:
         if self.group_view is not None and not self.group_view().serving:
             raise ValueError(f"the group is {self.group_view().state.value}: replace a rank "
                              "once it serves again")
-        from vllm.v1.executor import Executor
-
-        from vllm_elastic_ft.vllm.replacement import launch_engine
-
         llm = self.llm
         client = llm.engine_core
         self.bind_client(client)
         self._replacing = rank
         started = time.time()
         self.events.append({"t": started, "event": "replacement_started", "rank": rank})
-        process = None
+        engine: _Replacement | None = None
         try:
-            process = await asyncio.wait_for(asyncio.to_thread(
-                launch_engine, client, llm.vllm_config, Executor.get_class(llm.vllm_config),
-                llm.log_stats, rank), start_timeout_s)
-            # vLLM's engine manager stops the replacement with the other engines
-            # when the server shuts down (its finalizer holds this same list).
-            manager = client.resources.engine_manager
-            if manager is not None and isinstance(getattr(manager, "processes", None), list):
-                manager.processes.append(process)
+            engine = await self._start_engine(client, rank, start_timeout_s)
             await client._call_utility_async("elastic_ft_prepare_join",
                                              engine=client.core_engines[rank])
             loaded = time.time()
             self.events.append({"t": loaded, "event": "replacement_loaded", "rank": rank,
-                                "pid": process.pid})
+                                "pid": engine.pid, "node": engine.node})
             members = await self._admit(client, rank, admit_timeout_s)
-            self.replacements[rank] = process
+            self.replacements[rank] = engine
         except BaseException as err:
             self.events.append({"t": time.time(), "event": "replacement_failed", "rank": rank,
                                 "error": f"{type(err).__name__}: {err}"[:300]})
-            if process is not None and process.is_alive():
-                process.kill()  # never leave a half-joined engine behind
+            if engine is not None:
+                engine.stop()  # never leave a half-joined engine behind
             raise
         finally:
             self._replacing = None
         admitted = time.time()
         self.events.append({"t": admitted, "event": "replacement_admitted", "rank": rank,
                             "members": members})
-        logger.warning("front end: DP rank %d replaced (pid %d): started in %.1fs, admitted in "
-                       "%.2fs; members %s", rank, process.pid, loaded - started,
-                       admitted - loaded, members)
-        return {"rank": rank, "pid": process.pid, "members": members,
+        logger.warning("front end: DP rank %d replaced (pid %d on %s): started in %.1fs, "
+                       "admitted in %.2fs; members %s", rank, engine.pid, engine.node,
+                       loaded - started, admitted - loaded, members)
+        return {"rank": rank, "pid": engine.pid, "node": engine.node, "members": members,
                 "start_s": round(loaded - started, 3), "admit_s": round(admitted - loaded, 3)}
+
+    async def _start_engine(self, client, rank: int, timeout_s: float) -> _Replacement:
+        """Start rank ``rank``'s replacement engine on the node that lost it: here, if this
+        API server started that rank, else through that node's agent (``node_agent.py``)."""
+        from vllm.v1.executor import Executor
+
+        from vllm_elastic_ft.vllm import node_agent
+        from vllm_elastic_ft.vllm.replacement import engine_addresses, launch_engine
+        from vllm_elastic_ft.watchdog.attribution import this_host
+
+        llm = self.llm
+        if rank in node_agent.local_ranks(llm.vllm_config.parallel_config):
+            process = await asyncio.wait_for(asyncio.to_thread(
+                launch_engine, client, llm.vllm_config, Executor.get_class(llm.vllm_config),
+                llm.log_stats, rank), timeout_s)
+            # vLLM's engine manager stops the replacement with the other engines
+            # when the server shuts down (its finalizer holds this same list).
+            manager = client.resources.engine_manager
+            if manager is not None and isinstance(getattr(manager, "processes", None), list):
+                manager.processes.append(process)
+            return _Replacement(process.pid, this_host(), process=process)
+        import zmq
+
+        from vllm_elastic_ft.comm.store import connect_store
+        from vllm_elastic_ft.vllm.watchdog_store import store_address
+        from vllm_elastic_ft.vllm.worker_watchdog import GROUP_NAME
+
+        # As for a local one: the new engine connects with the lost one's routing id.
+        client.input_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        store = connect_store(store_address())
+        answer = await asyncio.to_thread(node_agent.start_remote, store, GROUP_NAME, rank,
+                                         engine_addresses(client), timeout_s)
+        pid = int(answer["pid"])
+        return _Replacement(pid, answer["node"],
+                            stop=lambda: node_agent.withdraw(store, GROUP_NAME, rank, pid))
 
     async def _admit(self, client, rank: int, timeout_s: float) -> list[int]:
         identity = client.core_engines[rank]

@@ -137,7 +137,7 @@ def _make_create_engine_config(original: Callable[..., Any]) -> Callable[..., An
         if kwargs.get("headless"):  # vLLM's headless launcher: the front end is elsewhere
             from vllm_elastic_ft.vllm import headless
 
-            headless.mark(config)
+            headless.mark(config, engine_config, log_stats=not self.disable_log_stats)
         # Engine processes are spawned after this: host the watchdog store now
         # so that they inherit its address.
         if engine_config.parallel_config.data_parallel_size > 1:

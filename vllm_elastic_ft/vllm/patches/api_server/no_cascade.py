@@ -10,7 +10,8 @@ requests) and keeps watching the others; it still shuts everything down when
 no engine is left, when fewer than ``min_live_ranks`` remain, or when the
 recovery is switched off. In vLLM's headless launcher (a secondary node: the
 front end is on the head node, ``vllm/headless.py``) a lost engine is left to
-the group and the other local engines go on. The engine core's side (no ``ENGINE_CORE_DEAD``
+the group and the other local engines go on, and the launcher becomes its node's
+agent for replacements (``vllm/node_agent.py``). The engine core's side (no ``ENGINE_CORE_DEAD``
 frame) is ``patches/engine_core/no_cascade.py``.
 """
 
@@ -20,7 +21,7 @@ from multiprocessing import connection
 from typing import Any, Callable
 
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.vllm import headless
+from vllm_elastic_ft.vllm import headless, node_agent
 from vllm_elastic_ft.vllm.frontend_recovery import frontend_recovery
 from vllm_elastic_ft.vllm.patching import CHECKED_WITH_0_33, PatchSpec, apply_patch
 
@@ -52,7 +53,10 @@ def _rank_of(proc, index: int) -> int:
 
 def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
     def monitor_engine_liveness(self) -> None:
-        if len(self.processes) < 2:
+        # A secondary node's launcher is also its node agent: it starts replacements of
+        # its ranks (appended to self.processes) and so outlives its last engine.
+        agent = node_agent.start_agent(self) if headless.tolerates_loss() else None
+        if len(self.processes) < 2 and agent is None:
             return original(self)
         watched: dict[Any, tuple[Any, int]] = {}
         while not self.manager_stopped.is_set():
@@ -62,17 +66,22 @@ def _make_monitor(original: Callable[..., Any]) -> Callable[..., Any]:
                 if p.sentinel not in watched:
                     watched[p.sentinel] = (p, _rank_of(p, i))
             if not watched:
-                break
+                if agent is None:
+                    break
+                self.manager_stopped.wait(1)  # no local engine now: a replacement may come
+                continue
             for sentinel in connection.wait(list(watched), timeout=1):
                 proc, rank = watched.pop(sentinel)
                 if self.manager_stopped.is_set():
                     continue
+                _reap(proc)  # its exit code, for the log lines below
                 # Asked at each death, not at start: the recovery is installed
                 # once the API server knows its config, after this thread starts.
                 recovery = frontend_recovery()
-                if recovery is None and headless.tolerates_loss() and watched:
+                if recovery is None and headless.tolerates_loss() and (watched or agent):
                     # A secondary node's launcher: the head node's group heals without
-                    # this rank; the other local engines serve on.
+                    # this rank; the other local engines serve on, and the node agent
+                    # can start its replacement here.
                     logger.warning("engine %s exited (code %s): the group goes on without it; "
                                    "%d local engine(s) left", proc.name, proc.exitcode,
                                    len(watched))
@@ -101,15 +110,22 @@ def _forget(manager, proc) -> None:
         manager.processes.remove(proc)
     except ValueError:
         pass
+    _reap(proc)
     try:
-        # The sentinel is ready when the child's pipe end closes, which can be a moment
-        # before the child can be reaped: wait for that briefly (it has exited already), or
-        # close() would refuse a process it still thinks is running.
-        proc.join(timeout=_REAP_TIMEOUT_S)
         proc.close()
     except (ValueError, AttributeError) as exc:  # not a multiprocessing.Process, or not reaped
         logger.warning("engine %s: its process handle stays open (%s)",
                        getattr(proc, "name", proc), exc)
+
+
+def _reap(proc) -> None:
+    """Wait briefly for an engine whose sentinel fired to be reaped: the sentinel is ready
+    when the child's pipe end closes, which can be a moment before the child can be reaped
+    (its exit code is unknown till then, and close() refuses a process it thinks runs)."""
+    try:
+        proc.join(timeout=_REAP_TIMEOUT_S)
+    except (AttributeError, AssertionError, ValueError):  # not a child Process, or closed
+        pass
 
 
 def apply() -> None:

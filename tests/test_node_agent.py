@@ -1,0 +1,117 @@
+"""The node agent's protocol (``vllm/node_agent.py``): the head asks a node to start a lost
+rank's replacement through the store, and gets the engine's pid or the node's error. Real
+TCPStore and real processes (a stand-in for vLLM's engine start only: a real engine needs
+the whole deployment, which ``tests/test_e2e_nodes.py`` runs)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+import torch.distributed as dist
+
+from vllm_elastic_ft.comm import keys
+from vllm_elastic_ft.vllm import node_agent
+
+
+@pytest.fixture()
+def store():
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=10))
+
+
+def _sleeper(name: str):
+    proc = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,),
+                                                        name=name)
+    proc.start()
+    return proc
+
+
+class _Agent(node_agent.NodeAgent):
+    """The real agent with vLLM's engine start (``_launch``) played by a sleeping process."""
+
+    start_s = 0.0
+    fail_with: str | None = None
+
+    def _launch(self, rank, addresses):
+        time.sleep(self.start_s)
+        if self.fail_with:
+            raise RuntimeError(self.fail_with)
+        self.addresses = addresses
+        return _sleeper(f"EngineCore_DP{rank}")
+
+
+@pytest.fixture()
+def agent(store):
+    config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_rank=2,
+                                                             data_parallel_size_local=2))
+    manager = SimpleNamespace(processes=[])
+    made = _Agent(store, "dp", manager, config, executor_class=None, log_stats=False).start()
+    yield made
+    made.stop()
+    for proc in manager.processes:
+        proc.kill()
+
+
+def test_the_node_that_serves_a_rank_starts_its_replacement(store, agent):
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    addresses = EngineZmqAddresses(inputs=["tcp://10.213.0.1:5555"],
+                                   outputs=["tcp://10.213.0.1:5556"])
+    assert list(node_agent.local_ranks(agent.vllm_config.parallel_config)) == [2, 3]
+    answer = node_agent.start_remote(store, "dp", 3, addresses, timeout_s=30)
+    started = agent.manager.processes[-1]
+    assert answer == {"pid": started.pid, "node": agent.node} and started.is_alive()
+    assert agent.addresses["inputs"] == ["tcp://10.213.0.1:5555"]  # what the head sent
+    # Not admitted after all: the head asks the node to stop it.
+    node_agent.withdraw(store, "dp", 3, started.pid)
+    started.join(timeout=10)
+    assert not started.is_alive()
+
+
+def test_a_rank_no_agent_serves_is_a_clear_error(store, agent):
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    with pytest.raises(RuntimeError, match="no node agent serves DP rank 0"):
+        node_agent.start_remote(store, "dp", 0, EngineZmqAddresses([], []), timeout_s=5)
+
+
+def test_the_nodes_error_reaches_the_head(store, agent):
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    agent.fail_with = "model load failed"
+    with pytest.raises(RuntimeError, match="DP rank 2's node could not start it: "
+                                           "RuntimeError: model load failed"):
+        node_agent.start_remote(store, "dp", 2, EngineZmqAddresses([], []), timeout_s=30)
+
+
+def test_a_start_the_head_gave_up_on_is_stopped_on_the_node(store, agent):
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    agent.start_s = 2.0
+    with pytest.raises(TimeoutError, match="did not start its replacement within"):
+        node_agent.start_remote(store, "dp", 2, EngineZmqAddresses([], []), timeout_s=0.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (
+            agent.manager.processes and not agent.manager.processes[-1].is_alive()):
+        time.sleep(0.1)
+    assert agent.manager.processes and not agent.manager.processes[-1].is_alive(), \
+        "the late engine still runs"
+    assert not store.check([keys.replace_request("dp", 2)])
+
+
+def test_an_old_engine_of_the_rank_is_stopped_before_its_replacement_starts(store, agent):
+    """The head replaces only a rank its group left out: an engine of that rank still
+    running on the node is stale (a cut-off engine whose vLLM shutdown takes seconds) and
+    would share the rank's routing id with the new one."""
+    stale = _sleeper("EngineCore_DP2")
+    other = _sleeper("EngineCore_DP3")
+    agent.manager.processes += [stale, other]
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    answer = node_agent.start_remote(store, "dp", 2, EngineZmqAddresses([], []), timeout_s=30)
+    assert answer["pid"] == agent.manager.processes[-1].pid != stale.pid
+    assert not stale.is_alive() and other.is_alive()
