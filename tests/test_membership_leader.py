@@ -118,3 +118,48 @@ def test_the_agreement_is_unchanged_when_nothing_fails(store):
     results = _agree_all(store, [0, 1, 2])
     assert {results[r].members for r in (0, 1, 2)} == {(0, 1, 2)}
     assert time.monotonic() - started < 0.4, "no one waited out a window or a lease"
+
+
+def test_a_leader_does_not_wait_for_a_rank_another_member_named(store):
+    """A node of two ranks (2, 3) is cut off: rank 0's report named only rank 3 (rank 2's
+    heartbeat was a tick younger), rank 1's named both. Rank 0 leads, expecting rank 2 —
+    rank 1's registration says it is gone, so the leader publishes [0, 1] at once instead
+    of waiting out its window for rank 2 (the partition took 5.1 s, 3 of them this wait)."""
+    window_s = 3.0
+    results = {}
+
+    def run(rank, expected, suspects):
+        results[rank] = ms.agree(store, GROUP, 1, rank, expected, window_s, _place,
+                                 timeout_s=10.0, eligible=[0, 1, 2, 3], suspects=suspects)
+
+    leader = threading.Thread(target=run, args=(0, [0, 1, 2], [3]))
+    started = time.monotonic()
+    leader.start()
+    time.sleep(0.05)  # rank 0 claims the lead first
+    follower = threading.Thread(target=run, args=(1, [0, 1], [2, 3]))
+    follower.start()
+    leader.join(timeout=15)
+    follower.join(timeout=15)
+    took = time.monotonic() - started
+    assert results[0].members == results[1].members == (0, 1) and results[0].leader == 0
+    assert took < window_s / 3, f"the leader waited {took:.2f}s for a rank named gone"
+
+
+def test_a_rank_named_by_a_peer_that_registers_anyway_is_a_member(store):
+    """Not waiting for a named rank is not leaving it out: one that registers in time is in."""
+    results = _agree_all(store, [0, 1, 2], expected=(0, 1, 2))
+    assert results[0].members == (0, 1, 2)
+    store2_results = {}
+
+    def run(rank, suspects):
+        store2_results[rank] = ms.agree(store, GROUP, 2, rank, [0, 1, 2], 1.0, _place,
+                                        timeout_s=10.0, eligible=[0, 1, 2], suspects=suspects)
+
+    threads = [threading.Thread(target=run, args=(r, [2] if r == 1 else []))
+               for r in (2, 0, 1)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=15)
+    assert {m.members for m in store2_results.values()} == {(0, 1, 2)}

@@ -115,3 +115,39 @@ def test_an_old_engine_of_the_rank_is_stopped_before_its_replacement_starts(stor
     answer = node_agent.start_remote(store, "dp", 2, EngineZmqAddresses([], []), timeout_s=30)
     assert answer["pid"] == agent.manager.processes[-1].pid != stale.pid
     assert not stale.is_alive() and other.is_alive()
+
+
+def test_a_rank_whose_process_exited_is_marked_gone_for_its_remote_peers(store, agent):
+    """Its peers on other nodes cannot probe its pid: the node agent probes it in its own
+    ``/proc`` and marks its heartbeat ``gone``, which a peer's attribution names dead (with
+    no heartbeat gone stale). A live rank, and a status written on another node, stay."""
+    import json
+
+    from vllm_elastic_ft.watchdog import attribution
+    from vllm_elastic_ft.watchdog.report import FaultKind
+
+    agent.stop()  # its own thread would race this test's calls
+    worker, other = _sleeper("worker-2"), _sleeper("worker-3")
+    store.set(keys.epoch("dp"), "1")
+    store.set(keys.members("dp", 1), json.dumps({"members": [0, 2, 3], "placement": {},
+                                                 "leader": 0}))
+    for group_rank, (rank, proc) in enumerate([(2, worker), (3, other)], start=1):
+        store.set(keys.heartbeat("dp", 1, group_rank), attribution.RankStatus(
+            rank, proc.pid, agent.node, time.time(), 5, 5).encode())
+    assert agent.mark_gone_ranks() == []
+    worker.kill()
+    worker.join()
+    assert agent.mark_gone_ranks() == [2]
+    status = attribution.RankStatus.decode(store.get(keys.heartbeat("dp", 1, 1)))
+    assert status.state == "gone" and status.pid == worker.pid
+    kind, why = attribution.classify_peer(time.time(), status, "unknown", time.time(),
+                                          stale_s=2.0, hung_s=0.2, peer_closed=False)
+    assert kind is FaultKind.DEAD and f"saw process {worker.pid} exit" in why
+    assert attribution.RankStatus.decode(store.get(keys.heartbeat("dp", 1, 2))).state == \
+        "running"
+    assert agent.mark_gone_ranks() == []  # marked once
+    # A status from another node (its pid means nothing here) is never judged here.
+    store.set(keys.heartbeat("dp", 1, 2), attribution.RankStatus(
+        3, 999999, "elsewhere/pid:[1]", time.time(), 5, 5).encode())
+    assert agent.mark_gone_ranks() == []
+    other.kill()

@@ -96,7 +96,7 @@ def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
     expected = [r for r in base.members if r not in suspects]
     return ms.agree(store, group, epoch, me, expected, window_s,
                     lambda members: solve(num_experts, base.placement, members).placement,
-                    timeout_s=timeout_s, eligible=list(base.members))
+                    timeout_s=timeout_s, eligible=list(base.members), suspects=suspects)
 
 
 def is_admission(store, group: str, epoch: int) -> bool:

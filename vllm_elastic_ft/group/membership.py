@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group.fencing import FencedError
@@ -65,7 +66,7 @@ def pending_join(store, group: str) -> int | None:
 
 def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s: float,
           place, timeout_s: float = 30.0, eligible: list[int] | None = None,
-          lease_s: float = 1.0) -> Membership:
+          lease_s: float = 1.0, suspects: Iterable[int] = ()) -> Membership:
     """Register ``me`` at ``epoch`` and return the agreed membership.
 
     Args:
@@ -77,12 +78,16 @@ def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s:
         eligible: the ranks that may lead (the base epoch's members); None: any.
         lease_s: how long past ``window_s`` a leader may take to publish before
             a follower takes over.
+        suspects: the ranks this rank's own reports named (registered with it: a
+            leader does not wait for a rank another member named, only takes it if
+            it registered by then — one rank's report may name only part of a lost
+            node, and its peer's the rest).
 
     Raises:
         FencedError: ``me`` is not a member of ``epoch``.
         TimeoutError: no leader published in time.
     """
-    store.set(keys.registered(group, epoch, me), "1")
+    store.set(keys.registered(group, epoch, me), json.dumps(sorted(suspects)))
     published = keys.members(group, epoch)
     may_lead = eligible is None or me in eligible
     deadline = time.monotonic() + timeout_s
@@ -115,6 +120,15 @@ def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s:
     return membership
 
 
+def _named_by(registration: bytes) -> set[int]:
+    """The suspects a member registered with (older members register ``1``: none)."""
+    try:
+        value = json.loads(registration)
+    except ValueError:
+        return set()
+    return {int(r) for r in value} if isinstance(value, list) else set()
+
+
 def _leader_of(store, group: str, epoch: int, term: int) -> int | None:
     """The rank that claimed ``term``, or None (one atomic read, as in pending_join)."""
     value = store.compare_set(keys.leader_term(group, epoch, term), _NO_REQUEST,
@@ -131,9 +145,16 @@ def _lead(store, group: str, epoch: int, me: int, expected: list[int], window_s:
           place, failed_leaders: list[int], window_ends: float) -> None:
     """Wait for the expected ranks (until ``window_ends``), then publish the members, unless
     another term's leader published first (``compare_set``: one publication per epoch)."""
-    awaited = [r for r in expected if r not in failed_leaders]
+    registered: set[int] = set()
+    named: set[int] = set()  # suspects of the members registered so far
+    ranks = sorted(set(expected) | {me})
     while time.monotonic() < window_ends:
-        if all(store.check([keys.registered(group, epoch, r)]) for r in awaited):
+        for r in ranks:
+            if r not in registered and store.check([keys.registered(group, epoch, r)]):
+                registered.add(r)
+                named.update(_named_by(store.get(keys.registered(group, epoch, r))))
+        awaited = [r for r in expected if r not in failed_leaders and r not in named]
+        if all(r in registered for r in awaited):
             break
         time.sleep(0.005)
     candidates = (set(expected) | {me}) - set(failed_leaders)

@@ -10,6 +10,10 @@ this module makes it the node's agent for replacements too:
   the front end posts a start request for rank ``k`` in the group's store with
   the ZMQ addresses of its DP client and DP coordinator, then waits for the
   node's answer (the new engine's pid, once it is loaded and warm, or the error);
+* **process gone** (:meth:`NodeAgent.mark_gone_ranks`): the agent probes its own
+  ranks' processes in its node's ``/proc`` and marks the heartbeat of one that
+  exited ``gone``; peers on other nodes, which cannot probe it, name it dead at
+  their next beat instead of when its heartbeat goes stale;
 * **node side** (:class:`NodeAgent`, a thread of the headless launcher): it
   polls the store for requests for its own ranks, starts the engine with
   ``replacement.start_engine`` — the launcher plays the front end's part of
@@ -33,13 +37,18 @@ import uuid
 from typing import Any
 
 from vllm_elastic_ft.comm import keys
+from vllm_elastic_ft.group import epochs
+from vllm_elastic_ft.group.fencing import current_epoch
 from vllm_elastic_ft.logging_utils import get_logger
-from vllm_elastic_ft.watchdog.attribution import this_host
+from vllm_elastic_ft.watchdog.attribution import RankStatus, probe_process, this_host
 
 logger = get_logger(__name__)
 
 #: How often a node agent looks for start requests for its ranks.
 POLL_INTERVAL_S = 0.2
+#: How often a node agent looks for its ranks' exited processes (a store read of the
+#: epoch, its members and this node's heartbeats; the peers read it at their next beat).
+GONE_CHECK_S = 0.05
 #: How long a node agent waits for a stale engine it killed to exit.
 STALE_STOP_TIMEOUT_S = 10.0
 
@@ -98,10 +107,11 @@ class NodeAgent:
         manager: vLLM's ``CoreEngineProcManager`` of this launcher (its ``processes`` list
             is what vLLM's engine monitor and shutdown go through).
         vllm_config, executor_class, log_stats: what the launcher started its engines with.
+        gone_check_s: how often it looks for its ranks' exited processes.
     """
 
     def __init__(self, store, group: str, manager, vllm_config, executor_class,
-                 log_stats: bool):
+                 log_stats: bool, gone_check_s: float = GONE_CHECK_S):
         self.store = store
         self.group = group
         self.manager = manager
@@ -110,20 +120,69 @@ class NodeAgent:
         self.log_stats = log_stats
         self.ranks = local_ranks(vllm_config.parallel_config)
         self.node = this_host()
+        self.gone_check_s = gone_check_s
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="elastic-ft-node-agent",
-                                        daemon=True)
+        self._threads = [threading.Thread(target=self._run, name="elastic-ft-node-agent",
+                                          daemon=True),
+                         threading.Thread(target=self._watch_ranks, daemon=True,
+                                          name="elastic-ft-node-agent-liveness")]
 
     def start(self) -> NodeAgent:
         for rank in self.ranks:
             self.store.set(keys.node_agent(self.group, rank), self.node)
-        self._thread.start()
-        logger.info("node agent on %s: replacements of DP ranks %s start here", self.node,
-                    list(self.ranks))
+        for thread in self._threads:
+            thread.start()
+        logger.info("node agent on %s: replacements of DP ranks %s start here; their exits "
+                    "are published every %.2fs", self.node, list(self.ranks), self.gone_check_s)
         return self
 
     def stop(self) -> None:
         self._stopped.set()
+
+    # -------------------------------------------------------- process gone
+    def mark_gone_ranks(self) -> list[int]:
+        """Mark the heartbeat of each of this node's ranks whose process has exited ``gone``
+        (returns them). Peers on other nodes cannot probe its pid; without this they
+        learn of the death only when its heartbeat goes stale (``heartbeat_stale_s``).
+
+        Only a status written from this node (its host and PID namespace) is judged, by
+        this node's ``/proc``; a rank of the current epoch's members only."""
+        epoch = current_epoch(self.store, self.group)
+        membership = epochs.published(self.store, self.group, epoch)
+        members = (membership.members if membership is not None
+                   else tuple(range(self.vllm_config.parallel_config.data_parallel_size)))
+        mine = [(r, members.index(r)) for r in self.ranks if r in members]
+        heartbeat_keys = [keys.heartbeat(self.group, epoch, g) for _, g in mine]
+        present = [(r, k) for (r, _), k in zip(mine, heartbeat_keys) if self.store.check([k])]
+        if not present:
+            return []
+        gone = []
+        for (rank, key), raw in zip(present, self.store.multi_get([k for _, k in present])):
+            try:
+                status = RankStatus.decode(raw)
+            except ValueError:
+                continue  # the peers judge a bad value by staleness
+            if status.state != "running" or status.host != self.node:
+                continue
+            if probe_process(status.pid) == "gone":
+                self.store.set(key, dataclasses.replace(status, state="gone").encode())
+                logger.warning("node agent on %s: DP rank %d's process %d exited (epoch %d): "
+                               "marked gone for its peers", self.node, rank, status.pid, epoch)
+                gone.append(rank)
+        return gone
+
+    def _watch_ranks(self) -> None:
+        failing = None  # the last error's text: logged when it changes, not every check
+        while not self._stopped.wait(self.gone_check_s):
+            try:
+                self.mark_gone_ranks()
+                failing = None
+            except Exception as err:  # noqa: BLE001 - e.g. the store unreachable (a partition)
+                if str(err) != failing:
+                    logger.warning("node agent: cannot check its ranks' processes (%s: %s); "
+                                   "trying again every %.2fs", type(err).__name__, err,
+                                   self.gone_check_s)
+                    failing = str(err)
 
     def _run(self) -> None:
         request_keys = {keys.replace_request(self.group, r): r for r in self.ranks}
@@ -131,7 +190,7 @@ class NodeAgent:
             try:
                 pending = [k for k in request_keys if self.store.check([k])]
             except Exception:  # noqa: BLE001 - the head (and its store) is unreachable
-                continue  # a partition: nothing to start until it is back
+                continue  # a partition: nothing to start until it is back (logged above)
             for key in pending:
                 rank = request_keys[key]
                 try:
@@ -185,13 +244,13 @@ class NodeAgent:
         back, and whose vLLM shutdown takes seconds). Two engines of one rank would share
         its routing id at the front end: the old one goes first."""
         for process in list(self.manager.processes):
-            if process.name != f"EngineCore_DP{rank}" or not process.is_alive():
+            if process.name != f"EngineCore_DP{rank}" or not _running(process):
                 continue
             logger.warning("node agent: DP rank %d's old engine (pid %d) still runs; stopping "
                            "it before its replacement starts", rank, process.pid)
             process.kill()
             process.join(timeout=STALE_STOP_TIMEOUT_S)
-            if process.is_alive():
+            if _running(process):
                 raise RuntimeError(f"DP rank {rank}'s old engine (pid {process.pid}) did not "
                                    f"stop within {STALE_STOP_TIMEOUT_S:.0f}s")
 
@@ -206,10 +265,19 @@ class NodeAgent:
 
     def _stop_engine(self, pid: int) -> None:
         for process in list(self.manager.processes):
-            if process.pid == pid and process.is_alive():
+            if process.pid == pid and _running(process):
                 logger.warning("node agent: stopping replacement engine pid %d (not admitted)",
                                pid)
                 process.kill()
+
+
+def _running(process) -> bool:
+    """Whether an engine process of the manager's list runs; False once vLLM's engine
+    monitor (this very moment, in its own thread) reaped and closed it."""
+    try:
+        return process.is_alive()
+    except ValueError:  # "process object is closed"
+        return False
 
 
 _agent: NodeAgent | None = None

@@ -5,8 +5,9 @@ the last dispatch/combine it entered and finished). When something looks wrong
 (a peer stopped beating, a call missed its deadline, a collective failed),
 :func:`attribute` reads the statuses and names the suspects:
 
-* **dead**: the process is gone (same host: ``/proc`` says so), or it stopped
-  beating and the collective failed with a closed connection;
+* **dead**: the process is gone (same host: ``/proc`` says so; another node:
+  that node's agent marked its status ``gone``), or it stopped beating and the
+  collective failed with a closed connection;
 * **hung**: the process exists but is stopped (``/proc`` state ``T``), or it
   stopped beating while no connection closed;
 * **slow**: it beats, but had not entered the call that missed its deadline.
@@ -30,8 +31,10 @@ from vllm_elastic_ft.watchdog.report import FaultKind
 #: ``/proc/<pid>/stat`` states meaning "will never run again" / "stopped".
 _GONE_STATES = {"Z", "X", "x"}
 _STOPPED_STATES = {"T", "t"}
-#: The ``state`` values a rank publishes.
-STATUS_STATES = ("running", "left")
+#: The ``state`` values under a rank's heartbeat key: it publishes ``running`` and, at a
+#: clean shutdown, ``left``; its node's agent writes ``gone`` once the rank's process
+#: exited (``vllm/node_agent.py``): the only word on a remote peer's death without ``/proc``.
+STATUS_STATES = ("running", "left", "gone")
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ def classify_peer(
     age = now - status.t
     if status.state == "left":
         return None, "left cleanly"
+    if status.state == "gone":
+        return FaultKind.DEAD, f"its node's agent saw process {status.pid} exit"
     if probe == "gone":
         return FaultKind.DEAD, f"process {status.pid} is gone"
     if probe == "stopped" and age > hung_s:
