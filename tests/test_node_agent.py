@@ -151,3 +151,16 @@ def test_a_rank_whose_process_exited_is_marked_gone_for_its_remote_peers(store, 
         3, 999999, "elsewhere/pid:[1]", time.time(), 5, 5).encode())
     assert agent.mark_gone_ranks() == []
     other.kill()
+
+
+def test_an_engine_another_thread_reaped_is_not_running():
+    """vLLM's engine monitor reaps exited engines in its own thread: multiprocessing then
+    reads the child as still running (its waitpid fails); the agent must not (the first
+    two-node drill's rejoin failed on it: 'old engine did not stop')."""
+    import os
+
+    proc = _sleeper("EngineCore_DP2")
+    proc.kill()
+    os.waitpid(proc.pid, 0)  # what the monitor's thread did first
+    assert proc.is_alive(), "multiprocessing's own answer (the trap)"
+    assert not node_agent._running(proc)

@@ -249,7 +249,9 @@ class NodeAgent:
             logger.warning("node agent: DP rank %d's old engine (pid %d) still runs; stopping "
                            "it before its replacement starts", rank, process.pid)
             process.kill()
-            process.join(timeout=STALE_STOP_TIMEOUT_S)
+            deadline = time.monotonic() + STALE_STOP_TIMEOUT_S
+            while _running(process) and time.monotonic() < deadline:
+                time.sleep(0.05)
             if _running(process):
                 raise RuntimeError(f"DP rank {rank}'s old engine (pid {process.pid}) did not "
                                    f"stop within {STALE_STOP_TIMEOUT_S:.0f}s")
@@ -272,12 +274,17 @@ class NodeAgent:
 
 
 def _running(process) -> bool:
-    """Whether an engine process of the manager's list runs; False once vLLM's engine
-    monitor (this very moment, in its own thread) reaped and closed it."""
+    """Whether an engine process of the manager's list runs.
+
+    vLLM's engine monitor reaps and closes exited engines in its own thread, so asking
+    ``multiprocessing`` alone is not enough here: a closed handle raises, and a child the
+    other thread reaped first reads as running (its ``waitpid`` fails and multiprocessing
+    takes that for "still running"). ``/proc`` settles it: gone or a zombie is not running."""
     try:
-        return process.is_alive()
+        alive = process.is_alive()
     except ValueError:  # "process object is closed"
         return False
+    return alive and probe_process(process.pid) != "gone"
 
 
 _agent: NodeAgent | None = None
