@@ -46,8 +46,8 @@ class _Agent(node_agent.NodeAgent):
 
 @pytest.fixture()
 def agent(store):
-    config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_rank=2,
-                                                             data_parallel_size_local=2))
+    config = SimpleNamespace(parallel_config=SimpleNamespace(
+        data_parallel_rank=2, data_parallel_size_local=2, data_parallel_size=4))
     manager = SimpleNamespace(processes=[])
     made = _Agent(store, "dp", manager, config, executor_class=None, log_stats=False).start()
     yield made
@@ -164,3 +164,18 @@ def test_an_engine_another_thread_reaped_is_not_running():
     os.waitpid(proc.pid, 0)  # what the monitor's thread did first
     assert proc.is_alive(), "multiprocessing's own answer (the trap)"
     assert not node_agent._running(proc)
+
+
+def test_the_head_marks_its_own_ranks_only_on_a_multi_node_deployment(store):
+    """The API server started the head's engines: on a multi-node deployment it marks them
+    for the other nodes' ranks; on one node there is no one who cannot probe them."""
+    def config(local, world):
+        return SimpleNamespace(parallel_config=SimpleNamespace(
+            data_parallel_rank=0, data_parallel_size_local=local, data_parallel_size=world))
+
+    assert node_agent.watch_head_ranks(store, "dp", config(4, 4)) is None
+    marker = node_agent.watch_head_ranks(store, "dp", config(2, 4))
+    try:
+        assert list(marker.ranks) == [0, 1] and marker.world == 4
+    finally:
+        marker.stop()

@@ -130,6 +130,8 @@ class FrontEndGroup:
         self.follower = StoreFollower(store, self.controller, poll_s) if store is not None else None
 
         self.recovery = None
+        #: Multi-node head only: marks this node's exited ranks for the other nodes.
+        self.head_liveness = None
         self.store_address: str | None = None
 
     def attach_recovery(self, recovery) -> None:
@@ -325,5 +327,10 @@ class ElasticFTEndpoints:
             state.elastic_ft.attach_recovery(recovery)
         if state.elastic_ft.follower is not None:
             state.elastic_ft.follower.start()
+        if config.in_engine_rebuild and store is not None:
+            from vllm_elastic_ft.vllm.node_agent import watch_head_ranks
+
+            # Multi-node: the other nodes' ranks cannot probe this node's pids.
+            state.elastic_ft.head_liveness = watch_head_ranks(store, GROUP_NAME, vllm_config)
         logger.info("vllm-elastic-ft: following DP group %s (%d ranks) through %s",
                     GROUP_NAME, world, without_secret(address) if address else None)

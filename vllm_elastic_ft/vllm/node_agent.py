@@ -98,6 +98,81 @@ def withdraw(store, group: str, rank: int, pid: int) -> None:
 
 
 # ------------------------------------------------------------------ node side
+class GoneMarker:
+    """Marks the heartbeat of each of this node's ranks whose process exited ``gone``.
+
+    Peers on other nodes cannot probe a rank's pid; without this they learn of its death
+    only when its heartbeat goes stale (``heartbeat_stale_s``). Runs in the process that
+    started the node's engines: a headless launcher (inside its :class:`NodeAgent`) or,
+    on a multi-node deployment's head, the API server (:func:`watch_head_ranks`).
+
+    Args:
+        ranks: the DP ranks (stable ids) this node runs.
+        world: the group's DP size (the members of epoch 0).
+        interval_s: how often it looks.
+    """
+
+    def __init__(self, store, group: str, ranks: range, world: int,
+                 interval_s: float = GONE_CHECK_S):
+        self.store, self.group, self.ranks, self.world = store, group, ranks, world
+        self.interval_s = interval_s
+        self.node = this_host()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="elastic-ft-node-liveness")
+
+    def start(self) -> GoneMarker:
+        self._thread.start()
+        logger.info("node %s: exits of DP ranks %s are published every %.2fs", self.node,
+                    list(self.ranks), self.interval_s)
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def mark_gone_ranks(self) -> list[int]:
+        """Mark each of this node's ranks whose process has exited; returns them.
+
+        Only a status written from this node (its host and PID namespace) is judged, by
+        this node's ``/proc``; a rank of the current epoch's members only."""
+        epoch = current_epoch(self.store, self.group)
+        membership = epochs.published(self.store, self.group, epoch)
+        members = (membership.members if membership is not None
+                   else tuple(range(self.world)))
+        mine = [(r, members.index(r)) for r in self.ranks if r in members]
+        heartbeat_keys = [keys.heartbeat(self.group, epoch, g) for _, g in mine]
+        present = [(r, k) for (r, _), k in zip(mine, heartbeat_keys) if self.store.check([k])]
+        if not present:
+            return []
+        gone = []
+        for (rank, key), raw in zip(present, self.store.multi_get([k for _, k in present])):
+            try:
+                status = RankStatus.decode(raw)
+            except ValueError:
+                continue  # the peers judge a bad value by staleness
+            if status.state != "running" or status.host != self.node:
+                continue
+            if probe_process(status.pid) == "gone":
+                self.store.set(key, dataclasses.replace(status, state="gone").encode())
+                logger.warning("node %s: DP rank %d's process %d exited (epoch %d): "
+                               "marked gone for its peers", self.node, rank, status.pid, epoch)
+                gone.append(rank)
+        return gone
+
+    def _run(self) -> None:
+        failing = None  # the last error's text: logged when it changes, not every check
+        while not self._stopped.wait(self.interval_s):
+            try:
+                self.mark_gone_ranks()
+                failing = None
+            except Exception as err:  # noqa: BLE001 - e.g. the store unreachable (a partition)
+                if str(err) != failing:
+                    logger.warning("node %s: cannot check its ranks' processes (%s: %s); "
+                                   "trying again every %.2fs", self.node, type(err).__name__, err,
+                                   self.interval_s)
+                    failing = str(err)
+
+
 class NodeAgent:
     """A headless launcher's thread that starts replacements of its own DP ranks.
 
@@ -120,69 +195,27 @@ class NodeAgent:
         self.log_stats = log_stats
         self.ranks = local_ranks(vllm_config.parallel_config)
         self.node = this_host()
-        self.gone_check_s = gone_check_s
+        self.liveness = GoneMarker(store, group, self.ranks,
+                                   vllm_config.parallel_config.data_parallel_size, gone_check_s)
         self._stopped = threading.Event()
-        self._threads = [threading.Thread(target=self._run, name="elastic-ft-node-agent",
-                                          daemon=True),
-                         threading.Thread(target=self._watch_ranks, daemon=True,
-                                          name="elastic-ft-node-agent-liveness")]
+        self._thread = threading.Thread(target=self._run, name="elastic-ft-node-agent",
+                                        daemon=True)
 
     def start(self) -> NodeAgent:
         for rank in self.ranks:
             self.store.set(keys.node_agent(self.group, rank), self.node)
-        for thread in self._threads:
-            thread.start()
-        logger.info("node agent on %s: replacements of DP ranks %s start here; their exits "
-                    "are published every %.2fs", self.node, list(self.ranks), self.gone_check_s)
+        self._thread.start()
+        self.liveness.start()
+        logger.info("node agent on %s: replacements of DP ranks %s start here",
+                    self.node, list(self.ranks))
         return self
 
     def stop(self) -> None:
         self._stopped.set()
+        self.liveness.stop()
 
-    # -------------------------------------------------------- process gone
     def mark_gone_ranks(self) -> list[int]:
-        """Mark the heartbeat of each of this node's ranks whose process has exited ``gone``
-        (returns them). Peers on other nodes cannot probe its pid; without this they
-        learn of the death only when its heartbeat goes stale (``heartbeat_stale_s``).
-
-        Only a status written from this node (its host and PID namespace) is judged, by
-        this node's ``/proc``; a rank of the current epoch's members only."""
-        epoch = current_epoch(self.store, self.group)
-        membership = epochs.published(self.store, self.group, epoch)
-        members = (membership.members if membership is not None
-                   else tuple(range(self.vllm_config.parallel_config.data_parallel_size)))
-        mine = [(r, members.index(r)) for r in self.ranks if r in members]
-        heartbeat_keys = [keys.heartbeat(self.group, epoch, g) for _, g in mine]
-        present = [(r, k) for (r, _), k in zip(mine, heartbeat_keys) if self.store.check([k])]
-        if not present:
-            return []
-        gone = []
-        for (rank, key), raw in zip(present, self.store.multi_get([k for _, k in present])):
-            try:
-                status = RankStatus.decode(raw)
-            except ValueError:
-                continue  # the peers judge a bad value by staleness
-            if status.state != "running" or status.host != self.node:
-                continue
-            if probe_process(status.pid) == "gone":
-                self.store.set(key, dataclasses.replace(status, state="gone").encode())
-                logger.warning("node agent on %s: DP rank %d's process %d exited (epoch %d): "
-                               "marked gone for its peers", self.node, rank, status.pid, epoch)
-                gone.append(rank)
-        return gone
-
-    def _watch_ranks(self) -> None:
-        failing = None  # the last error's text: logged when it changes, not every check
-        while not self._stopped.wait(self.gone_check_s):
-            try:
-                self.mark_gone_ranks()
-                failing = None
-            except Exception as err:  # noqa: BLE001 - e.g. the store unreachable (a partition)
-                if str(err) != failing:
-                    logger.warning("node agent: cannot check its ranks' processes (%s: %s); "
-                                   "trying again every %.2fs", type(err).__name__, err,
-                                   self.gone_check_s)
-                    failing = str(err)
+        return self.liveness.mark_gone_ranks()
 
     def _run(self) -> None:
         request_keys = {keys.replace_request(self.group, r): r for r in self.ranks}
@@ -285,6 +318,16 @@ def _running(process) -> bool:
     except ValueError:  # "process object is closed"
         return False
     return alive and probe_process(process.pid) != "gone"
+
+
+def watch_head_ranks(store, group: str, vllm_config) -> GoneMarker | None:
+    """On a multi-node deployment's head (the API server, which started the head's
+    engines): mark the head's own ranks ``gone`` when they exit, for the other nodes'
+    ranks. None on a one-node deployment (every peer can probe every pid there)."""
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size_local >= parallel.data_parallel_size:
+        return None
+    return GoneMarker(store, group, local_ranks(parallel), parallel.data_parallel_size).start()
 
 
 _agent: NodeAgent | None = None
