@@ -43,10 +43,6 @@ def one_rank_per_node(tiny_moe_path, tmp_path_factory):
         yield server
 
 
-def _logs(server: MultiNodeServer) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted(server.log_dir.glob("*.log")))
-
-
 def test_a_nodes_only_rank_is_named_dead_by_its_node_agent(one_rank_per_node):
     server = one_rank_per_node
     store = connect_store(server.store)
@@ -69,7 +65,7 @@ def test_a_nodes_only_rank_is_named_dead_by_its_node_agent(one_rank_per_node):
                                                       if not r.ok]
     wrong = [(r.index, r.prompt) for r in summary.records if r.token_ids != no_fault[r.prompt]]
     assert not wrong, (len(wrong), wrong[:2])
-    logs = _logs(server)
+    logs = server.log_text()
     assert "node agent on" in logs and "marked gone for its peers" in logs, "no agent mark"
     reports = [r for r in fault_reports(logs) if r["reporter"] == 0 and 1 in r["suspects"]]
     assert reports, "rank 0 never named rank 1"

@@ -50,10 +50,6 @@ def two_nodes(tiny_moe_path, tmp_path_factory):
         yield server
 
 
-def _logs(server: MultiNodeServer) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted(server.log_dir.glob("*.log")))
-
-
 def _wait(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -91,7 +87,7 @@ def test_a_rank_killed_on_the_secondary_node_is_named_and_the_group_heals(two_no
     members = json.loads(store.get(keys.members("dp", 1)))
     assert members["members"] == [0, 1, 3]
     assert sorted(e for ex in members["placement"].values() for e in ex) == list(range(8))
-    reports = [r for r in fault_reports(_logs(server)) if 2 in r["suspects"]]
+    reports = [r for r in fault_reports(server.log_text()) if 2 in r["suspects"]]
     assert reports, "nobody named rank 2"
     first = min(reports, key=lambda r: r["detected_at"])
     assert first["kind"] == "dead", first

@@ -88,6 +88,11 @@ class MultiNodeServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def log_text(self) -> str:
+        """Every node's log, head first."""
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted(self.log_dir.glob("*.log")))
+
     # ------------------------------------------------------------- processes
     def ranks_on(self, node: int) -> list[int]:
         """The DP ranks ``node``'s vLLM launcher starts."""
