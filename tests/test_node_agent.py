@@ -134,10 +134,10 @@ def test_a_rank_whose_process_exited_is_marked_gone_for_its_remote_peers(store, 
     for group_rank, (rank, proc) in enumerate([(2, worker), (3, other)], start=1):
         store.set(keys.heartbeat("dp", 1, group_rank), attribution.RankStatus(
             rank, proc.pid, agent.node, time.time(), 5, 5).encode())
-    assert agent.mark_gone_ranks() == []
+    assert agent.liveness.mark_gone_ranks() == []
     worker.kill()
     worker.join()
-    assert agent.mark_gone_ranks() == [2]
+    assert agent.liveness.mark_gone_ranks() == [2]
     status = attribution.RankStatus.decode(store.get(keys.heartbeat("dp", 1, 1)))
     assert status.state == "gone" and status.pid == worker.pid
     kind, why = attribution.classify_peer(time.time(), status, "unknown", time.time(),
@@ -145,11 +145,11 @@ def test_a_rank_whose_process_exited_is_marked_gone_for_its_remote_peers(store, 
     assert kind is FaultKind.DEAD and f"saw process {worker.pid} exit" in why
     assert attribution.RankStatus.decode(store.get(keys.heartbeat("dp", 1, 2))).state == \
         "running"
-    assert agent.mark_gone_ranks() == []  # marked once
+    assert agent.liveness.mark_gone_ranks() == []  # marked once
     # A status from another node (its pid means nothing here) is never judged here.
     store.set(keys.heartbeat("dp", 1, 2), attribution.RankStatus(
         3, 999999, "elsewhere/pid:[1]", time.time(), 5, 5).encode())
-    assert agent.mark_gone_ranks() == []
+    assert agent.liveness.mark_gone_ranks() == []
     other.kill()
 
 

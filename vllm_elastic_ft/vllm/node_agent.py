@@ -10,7 +10,7 @@ this module makes it the node's agent for replacements too:
   the front end posts a start request for rank ``k`` in the group's store with
   the ZMQ addresses of its DP client and DP coordinator, then waits for the
   node's answer (the new engine's pid, once it is loaded and warm, or the error);
-* **process gone** (:meth:`NodeAgent.mark_gone_ranks`): the agent probes its own
+* **process gone** (:class:`GoneMarker`, run by the agent): it probes its own
   ranks' processes in its node's ``/proc`` and marks the heartbeat of one that
   exited ``gone``; peers on other nodes, which cannot probe it, name it dead at
   their next beat instead of when its heartbeat goes stale;
@@ -213,9 +213,6 @@ class NodeAgent:
     def stop(self) -> None:
         self._stopped.set()
         self.liveness.stop()
-
-    def mark_gone_ranks(self) -> list[int]:
-        return self.liveness.mark_gone_ranks()
 
     def _run(self) -> None:
         request_keys = {keys.replace_request(self.group, r): r for r in self.ranks}
