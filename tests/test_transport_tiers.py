@@ -98,6 +98,7 @@ class StubWatchdog:
 
     def __init__(self):
         self.after_tick = None
+        self.epoch = 0
         self.group_epoch = 0
         self.sink = StubSink()
         self.reconfigured: list[tuple] = []
@@ -107,6 +108,9 @@ class StubWatchdog:
 
     def peer_named(self) -> bool:
         return False
+
+    def silent_peers(self) -> list[int]:
+        return []
 
     def reconfigure(self, *args) -> None:
         self.reconfigured.append(args)

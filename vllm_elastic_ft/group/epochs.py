@@ -76,8 +76,12 @@ def reported_suspects(reports: Callable[[], list], old: ms.Membership,
 
 
 def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
-            num_experts: int, window_s: float, timeout_s: float) -> ms.Membership:
+            num_experts: int, window_s: float, timeout_s: float,
+            silent: Callable[[], set[int]] | None = None) -> ms.Membership:
     """Take the group from ``old`` to the next agreed membership; ``me`` registers in it.
+
+    ``silent``: the members of ``old`` this rank's watchdog finds dead or silent now
+    (stable ids; see :func:`membership.agree`).
 
     (A replacement rank comes in through :func:`admit`, a planned fence.)
 
@@ -96,7 +100,8 @@ def advance(store, group: str, old: ms.Membership, me: int, suspects: set[int],
     expected = [r for r in base.members if r not in suspects]
     return ms.agree(store, group, epoch, me, expected, window_s,
                     lambda members: solve(num_experts, base.placement, members).placement,
-                    timeout_s=timeout_s, eligible=list(base.members), suspects=suspects)
+                    timeout_s=timeout_s, eligible=list(base.members), suspects=suspects,
+                    silent=silent)
 
 
 def is_admission(store, group: str, epoch: int) -> bool:

@@ -246,7 +246,8 @@ class GroupMember:
         try:
             new = epochs.advance(self.store, self.group, old, self.id, suspects, self.num_experts,
                                  self.options.join_window_s,
-                                 self.options.controller.rebuild_budget_s)
+                                 self.options.controller.rebuild_budget_s,
+                                 silent=lambda: self._silent_members(old))
         except TimeoutError as err:
             self.fail(str(err))
         self.controller.handle(PeerFenced(new.epoch, tuple(sorted(suspects))))
@@ -270,6 +271,13 @@ class GroupMember:
             self.controller.fault({"epoch": report.epoch, "suspects": sorted(suspects),
                                    "kind": report.kind.value, "reporter": self.id})
         return suspects
+
+    def _silent_members(self, old: ms.Membership) -> set[int]:
+        """The members of ``old`` this rank's watchdog finds dead or silent now (none once
+        the watchdog has moved past ``old``: its ranks are numbered for another epoch)."""
+        if self.watchdog.epoch != old.epoch:
+            return set()
+        return {old.members[r] for r in self.watchdog.silent_peers() if r < len(old.members)}
 
     def _fence_for_gang_restart(self, old: ms.Membership, suspects: set[int]) -> None:
         """The transport's tier: fence (no request is admitted any more), then FAILED."""

@@ -25,10 +25,16 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.group.fencing import FencedError
+from vllm_elastic_ft.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+#: How often a leader asks its ``silent`` callable while it waits (one store read each).
+SILENT_CHECK_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ def pending_join(store, group: str) -> int | None:
 
 def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s: float,
           place, timeout_s: float = 30.0, eligible: list[int] | None = None,
-          lease_s: float = 1.0, suspects: Iterable[int] = ()) -> Membership:
+          lease_s: float = 1.0, suspects: Iterable[int] = (),
+          silent: Callable[[], Iterable[int]] | None = None) -> Membership:
     """Register ``me`` at ``epoch`` and return the agreed membership.
 
     Args:
@@ -82,6 +89,11 @@ def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s:
             leader does not wait for a rank another member named, only takes it if
             it registered by then — one rank's report may name only part of a lost
             node, and its peer's the rest).
+        silent: the ranks this rank's watchdog finds dead or silent right now
+            (asked every ``SILENT_CHECK_S`` while this rank leads): a leader does not
+            wait for them either. After a partition the first report may name one of
+            a node's ranks; the others' heartbeats go stale a moment later, during
+            the window, and nobody's report names them.
 
     Raises:
         FencedError: ``me`` is not a member of ``epoch``.
@@ -102,7 +114,7 @@ def agree(store, group: str, epoch: int, me: int, expected: list[int], window_s:
             leader = _claim(store, group, epoch, term, me)
         if leader == me:
             _lead(store, group, epoch, me, expected, window_s, place, failed_leaders,
-                  min(deadline, time.monotonic() + window_s))
+                  min(deadline, time.monotonic() + window_s), silent)
             break
         if leader is not None and term_seen_at is None:
             term_seen_at = now
@@ -141,14 +153,29 @@ def _claim(store, group: str, epoch: int, term: int, me: int) -> int:
     return int(store.compare_set(keys.leader_term(group, epoch, term), "", str(me)).decode())
 
 
+def _silent_now(silent: Callable[[], Iterable[int]], epoch: int) -> set[int]:
+    """``silent()``, or nothing if it fails (logged: the leader then waits out its window,
+    as it would without it)."""
+    try:
+        return {int(r) for r in silent()}
+    except Exception:  # noqa: BLE001 - a liveness read must not break the agreement
+        logger.exception("epoch %d: the leader could not read which ranks are silent", epoch)
+        return set()
+
+
 def _lead(store, group: str, epoch: int, me: int, expected: list[int], window_s: float,
-          place, failed_leaders: list[int], window_ends: float) -> None:
+          place, failed_leaders: list[int], window_ends: float,
+          silent: Callable[[], Iterable[int]] | None = None) -> None:
     """Wait for the expected ranks (until ``window_ends``), then publish the members, unless
     another term's leader published first (``compare_set``: one publication per epoch)."""
     registered: set[int] = set()
-    named: set[int] = set()  # suspects of the members registered so far
+    named: set[int] = set()  # suspects of the members registered so far, and silent ranks
     ranks = sorted(set(expected) | {me})
+    next_silent_check = time.monotonic()
     while time.monotonic() < window_ends:
+        if silent is not None and time.monotonic() >= next_silent_check:
+            named.update(_silent_now(silent, epoch))
+            next_silent_check = time.monotonic() + SILENT_CHECK_S
         for r in ranks:
             if r not in registered and store.check([keys.registered(group, epoch, r)]):
                 registered.add(r)

@@ -375,10 +375,13 @@ class RankWatchdog:
 
     def _tick_locked(self) -> None:
         self.group_epoch = max(self.group_epoch, self._read_group_epoch())
-        if self.group_epoch > self.epoch:
-            return  # fenced out: the old epoch's peers are no business of this rank
+        # Beat even when fenced: while the group agrees on the next epoch, a heartbeat
+        # that stops means a process that cannot reach the store (a cut-off node), not
+        # a survivor on its way to register (see silent_peers).
         self.store.set(keys.heartbeat(self.group, self.epoch, self.rank),
                        self._status().encode())
+        if self.group_epoch > self.epoch:
+            return  # fenced out: the old epoch's peers are no business of this rank
         statuses, probes = self._look()
         now = time.time()
         for rank, status in statuses.items():
@@ -408,6 +411,23 @@ class RankWatchdog:
         self._pending = still_pending
         if self.injection is not None:  # last: the verdicts above never wait on it
             self._refresh_injection()
+
+    def silent_peers(self) -> list[int]:
+        """The peers (group ranks of this epoch) that are dead, or have not beaten for
+        ``heartbeat_stale_s``, now: the rules of a liveness verdict, asked on demand.
+
+        An agreement's leader asks this while it waits (``membership.agree``): when a
+        node is cut off, the first report may name one of its ranks, and the others'
+        heartbeats go stale a moment later, when nobody reports any more. Survivors
+        keep beating while fenced, so they never look silent here.
+        """
+        with self._lock:
+            statuses, probes = self._look()
+            now = time.time()
+            return [rank for rank, status in sorted(statuses.items()) if rank != self.rank
+                    and attribution.classify_peer(now, status, probes.get(rank, "unknown"),
+                                                  status.t, peer_closed=False,
+                                                  **self._limits)[0] is not None]
 
     def _read_group_epoch(self) -> int:
         """The group's epoch in the store; this rank's last one if the key is unusable.
