@@ -6,6 +6,7 @@ the whole deployment, which ``tests/test_e2e_nodes.py`` runs)."""
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -23,8 +24,8 @@ def store():
                          timeout=timedelta(seconds=10))
 
 
-def _sleeper(name: str):
-    proc = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,),
+def _sleeper(name: str, seconds: float = 60):
+    proc = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(seconds,),
                                                         name=name)
     proc.start()
     return proc
@@ -103,10 +104,13 @@ def test_a_start_the_head_gave_up_on_is_stopped_on_the_node(store, agent):
     assert not store.check([keys.replace_request("dp", 2)])
 
 
-def test_an_old_engine_of_the_rank_is_stopped_before_its_replacement_starts(store, agent):
+def test_an_old_engine_of_the_rank_is_stopped_before_its_replacement_starts(store, agent,
+                                                                             monkeypatch):
     """The head replaces only a rank its group left out: an engine of that rank still
     running on the node is stale (a cut-off engine whose vLLM shutdown takes seconds) and
-    would share the rank's routing id with the new one."""
+    would share the rank's routing id with the new one. It gets ``STALE_LEAVE_S`` to leave
+    by itself; one that does not is killed."""
+    monkeypatch.setattr(node_agent, "STALE_LEAVE_S", 0.5)
     stale = _sleeper("EngineCore_DP2")
     other = _sleeper("EngineCore_DP3")
     agent.manager.processes += [stale, other]
@@ -115,6 +119,21 @@ def test_an_old_engine_of_the_rank_is_stopped_before_its_replacement_starts(stor
     answer = node_agent.start_remote(store, "dp", 2, EngineZmqAddresses([], []), timeout_s=30)
     assert answer["pid"] == agent.manager.processes[-1].pid != stale.pid
     assert not stale.is_alive() and other.is_alive()
+    assert stale.exitcode == -signal.SIGKILL
+
+
+def test_an_old_engine_that_leaves_within_its_grace_is_not_killed(store, agent, monkeypatch):
+    """A cut-off engine meets its fence once the link is back and exits by itself (its
+    refusal at the stale epoch is in its log): the agent waits for that, kills nothing."""
+    monkeypatch.setattr(node_agent, "STALE_LEAVE_S", 20.0)
+    leaving = _sleeper("EngineCore_DP2", seconds=1.5)
+    agent.manager.processes.append(leaving)
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    answer = node_agent.start_remote(store, "dp", 2, EngineZmqAddresses([], []), timeout_s=30)
+    assert answer["pid"] != leaving.pid
+    leaving.join(timeout=5)
+    assert leaving.exitcode == 0, "the agent killed an engine that was leaving by itself"
 
 
 def test_a_rank_whose_process_exited_is_marked_gone_for_its_remote_peers(store, agent):

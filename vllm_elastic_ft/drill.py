@@ -405,10 +405,11 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         for t in threads:
             t.start()
         t0, t0_mono = timeline.add(f"load: {args.requests} requests, {args.concurrency} in flight, "
-                                   f"retried for up to {args.retry_for_s:.0f}s"), time.monotonic()
+                                   f"{_streams(args.stream_every)}, 503s retried "
+                                   f"for up to {args.retry_for_s:.0f}s"), time.monotonic()
         load = run_load(deployment.url, PROMPTS, args.requests, args.concurrency, max_tokens=32,
                         timeout_s=120, on_record=on_record, progress_every_s=10,
-                        retry_for_s=args.retry_for_s)
+                        retry_for_s=args.retry_for_s, stream_every=args.stream_every)
         load_done.set()
         threads[1].join(timeout=900)
         if rejoin:
@@ -432,7 +433,10 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         stop_following.set()
         threads[0].join(timeout=5)
         log_text = deployment.first_log_text()
-        report = next((r for r in fault_reports(log_text) if args.fault_rank in r["suspects"]), None)
+        # The first report naming a lost rank (a partition loses the fault rank's whole
+        # node; each node's log is in its own file, so by time, not log order).
+        report = min((r for r in fault_reports(log_text) if set(r["suspects"]) & set(lost_ranks)),
+                     key=lambda r: r["detected_at"], default=None)
     finally:
         deployment.stop()
 
@@ -470,7 +474,7 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
         "outputs_match_reference": after == reference,
         "final_state": final.get("state"), "final_epoch": final.get("epoch"),
         "live_ranks": final.get("live_ranks"), "expert_placement": final.get("expert_placement"),
-        "stale_rank_refused": _stale_rank_refused(log_text, args.fault_rank)
+        "stale_rank_refused": any(_stale_rank_refused(log_text, r) for r in lost_ranks)
         if args.fault in ("stop", "slow", "partition") else None,
         "rejoin": ({"admitted": rejoin.get("admitted", False),
                     "admitted_s": since_fault(rejoin.get("admitted_at")),
@@ -489,8 +493,14 @@ def _drill_once(args: argparse.Namespace, model: str, out: Path, in_engine: bool
     return result
 
 
+def _streams(every: int) -> str:
+    return f"every {every}-th streamed" if every > 0 else "none streamed"
+
+
 def check_drill_args(args: argparse.Namespace) -> None:
     """Refuse a drill that cannot run, naming the flag (before any model is built)."""
+    if args.stream_every < 0:
+        raise SystemExit(f"drill: --stream-every must be >= 0, got {args.stream_every}")
     nodes = getattr(args, "nodes", 1)
     if nodes < 1 or args.dp % nodes:
         raise SystemExit(f"drill: --nodes must be >= 1 and divide --dp ({args.dp}), got {nodes}")

@@ -49,6 +49,10 @@ POLL_INTERVAL_S = 0.2
 #: How often a node agent looks for its ranks' exited processes (a store read of the
 #: epoch, its members and this node's heartbeats; the peers read it at their next beat).
 GONE_CHECK_S = 0.05
+#: How long a node agent lets a stale engine leave by itself before killing it: once a
+#: cut-off node's link is back, its engines meet their fence, refuse to talk at their old
+#: epoch and exit within seconds (the refusal is the partition's evidence in the logs).
+STALE_LEAVE_S = 10.0
 #: How long a node agent waits for a stale engine it killed to exit.
 STALE_STOP_TIMEOUT_S = 10.0
 
@@ -276,13 +280,15 @@ class NodeAgent:
         for process in list(self.manager.processes):
             if process.name != f"EngineCore_DP{rank}" or not _running(process):
                 continue
-            logger.warning("node agent: DP rank %d's old engine (pid %d) still runs; stopping "
-                           "it before its replacement starts", rank, process.pid)
+            logger.warning("node agent: DP rank %d's old engine (pid %d) still runs; it has "
+                           "%.0fs to leave before its replacement starts", rank, process.pid,
+                           STALE_LEAVE_S)
+            if _exited_within(process, STALE_LEAVE_S):
+                continue
+            logger.warning("node agent: DP rank %d's old engine (pid %d) did not leave; "
+                           "killing it", rank, process.pid)
             process.kill()
-            deadline = time.monotonic() + STALE_STOP_TIMEOUT_S
-            while _running(process) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _running(process):
+            if not _exited_within(process, STALE_STOP_TIMEOUT_S):
                 raise RuntimeError(f"DP rank {rank}'s old engine (pid {process.pid}) did not "
                                    f"stop within {STALE_STOP_TIMEOUT_S:.0f}s")
 
@@ -350,3 +356,13 @@ def start_agent(manager) -> NodeAgent | None:
     _agent = NodeAgent(connect_store(address), GROUP_NAME, manager, vllm_config,
                        Executor.get_class(vllm_config), log_stats).start()
     return _agent
+
+
+def _exited_within(process, timeout_s: float) -> bool:
+    """Whether ``process`` is not running, waiting up to ``timeout_s`` for it to exit."""
+    deadline = time.monotonic() + timeout_s
+    while _running(process):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
