@@ -18,6 +18,27 @@ def _no_exported_plugin_config():
     process_config.reset_process_config()
 
 
+def serve_on_simulated_nodes(tiny_moe_path: str, log_dir, dp: int, num_nodes: int):
+    """A module fixture's body for the node e2e tests: the tiny MoE at DP=``dp`` with EP over
+    ``num_nodes`` simulated nodes (an equal share of ranks each; vLLM's headless launcher on
+    every node but the head), yielded once it serves. Skips, saying why, where the machine
+    cannot make namespaces."""
+    from vllm_elastic_ft.testing import nodes as simulated
+    from vllm_elastic_ft.testing.multinode import MultiNodeServer
+    from vllm_elastic_ft.testing.server import ServerSpec
+
+    why = simulated.unavailable()
+    if why:
+        pytest.skip(why)
+    spec = ServerSpec(tiny_moe_path, data_parallel_size=dp, expert_parallel=True,
+                      extra_args=["--elastic-ft-deadline-s", "2",
+                                  "--elastic-ft-rebuild-budget-s", "20"])
+    with simulated.SimulatedNodes(num_nodes) as nodes, \
+            MultiNodeServer(nodes, spec, dp // num_nodes, log_dir) as server:
+        server.wait_ready(900)
+        yield server
+
+
 @pytest.fixture(scope="session")
 def tiny_moe_path() -> str:
     from vllm_elastic_ft.testing.tiny_moe import build_tiny_moe

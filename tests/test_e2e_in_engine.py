@@ -81,7 +81,7 @@ def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_t
     # fenced (the retries are counted below); any other failure is a lost request.
     load = threading.Thread(target=lambda: results.append(run_load(
         dp4_server.url, PROMPTS, 32, 8, max_tokens=32, timeout_s=120, progress_every_s=None,
-        retry_for_s=60)), daemon=True)
+        retry_for_s=60, stream_every=2)), daemon=True)
     load.start()
     time.sleep(2.0)  # requests are running on every rank
     injection = faults.signal_process("kill", victim, 0)
@@ -90,6 +90,7 @@ def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_t
     summary = results[0]
     # Every request completed; none was failed by the fault.
     assert summary.failed == 0 and summary.ok == 32, summary
+    assert sum(r.stream for r in summary.records) == 16  # half streamed (OpenAI client)
     print(f"503 refusals retried while fenced: {summary.retried}")
     # Each request's tokens, the continued ones included, are the no-fault tokens.
     wrong = [r.index for r in summary.records if r.token_ids != no_fault[r.prompt]]
@@ -142,8 +143,8 @@ def test_replacement_rank0_rejoins_under_load(dp4_server, reference_tokens):
     assert code == 400 and "'rank'" in answer["error"], answer
     results = []
     load = threading.Thread(target=lambda: results.append(run_load(
-        dp4_server.url, PROMPTS, 40, 8, max_tokens=32, timeout_s=120, progress_every_s=None)),
-        daemon=True)
+        dp4_server.url, PROMPTS, 40, 8, max_tokens=32, timeout_s=120, progress_every_s=None,
+        stream_every=2)), daemon=True)
     load.start()
     time.sleep(1.5)  # requests are running on ranks 1-3
     code, answer = dp4_server.post_json("/elastic_ft/replace", {"rank": 0})
@@ -180,7 +181,7 @@ def test_second_fault_during_rebuild_ends_in_ready_or_failed(dp4_server, referen
     results = []
     load = threading.Thread(target=lambda: results.append(run_load(
         dp4_server.url, PROMPTS, 16, 4, max_tokens=32, timeout_s=120, progress_every_s=None,
-        retry_for_s=60)), daemon=True)
+        retry_for_s=60, stream_every=2)), daemon=True)
     load.start()
     time.sleep(1.5)
     faults.signal_process("kill", first, 3)

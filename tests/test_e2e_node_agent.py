@@ -14,15 +14,13 @@ import threading
 import time
 
 import pytest
+from conftest import serve_on_simulated_nodes
 
 from vllm_elastic_ft import faults
 from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.comm.store import connect_store
 from vllm_elastic_ft.loadgen import run_load
 from vllm_elastic_ft.reports_in_logs import fault_reports
-from vllm_elastic_ft.testing import nodes as simulated
-from vllm_elastic_ft.testing.multinode import MultiNodeServer
-from vllm_elastic_ft.testing.server import ServerSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -31,16 +29,7 @@ PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
 
 @pytest.fixture(scope="module")
 def one_rank_per_node(tiny_moe_path, tmp_path_factory):
-    why = simulated.unavailable()
-    if why:
-        pytest.skip(why)
-    spec = ServerSpec(tiny_moe_path, data_parallel_size=2, expert_parallel=True,
-                      extra_args=["--elastic-ft-deadline-s", "2",
-                                  "--elastic-ft-rebuild-budget-s", "20"])
-    with simulated.SimulatedNodes(2) as nodes, \
-            MultiNodeServer(nodes, spec, 1, tmp_path_factory.mktemp("agent")) as server:
-        server.wait_ready(900)
-        yield server
+    yield from serve_on_simulated_nodes(tiny_moe_path, tmp_path_factory.mktemp("agent"), 2, 2)
 
 
 def test_a_nodes_only_rank_is_named_dead_by_its_node_agent(one_rank_per_node):
@@ -51,7 +40,7 @@ def test_a_nodes_only_rank_is_named_dead_by_its_node_agent(one_rank_per_node):
     results: list = []
     load = threading.Thread(target=lambda: results.append(run_load(
         server.url, PROMPTS, 24, 4, max_tokens=32, timeout_s=180, progress_every_s=None,
-        retry_for_s=60)), daemon=True)
+        retry_for_s=60, stream_every=2)), daemon=True)
     load.start()
     time.sleep(2.0)  # requests are running on both ranks
     injection = faults.signal_process("kill", victim, 1)

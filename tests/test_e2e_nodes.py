@@ -21,15 +21,14 @@ import threading
 import time
 
 import pytest
+from conftest import serve_on_simulated_nodes
 
 from vllm_elastic_ft import faults
 from vllm_elastic_ft.comm import keys
 from vllm_elastic_ft.comm.store import connect_store
 from vllm_elastic_ft.loadgen import run_load
 from vllm_elastic_ft.reports_in_logs import fault_reports
-from vllm_elastic_ft.testing import nodes as simulated
 from vllm_elastic_ft.testing.multinode import MultiNodeServer
-from vllm_elastic_ft.testing.server import ServerSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -38,16 +37,7 @@ PROMPTS = ["The quick brown fox", "Wide expert parallel serving", "0 1 2 3 4 5"]
 
 @pytest.fixture(scope="module")
 def two_nodes(tiny_moe_path, tmp_path_factory):
-    why = simulated.unavailable()
-    if why:
-        pytest.skip(why)
-    spec = ServerSpec(tiny_moe_path, data_parallel_size=4, expert_parallel=True,
-                      extra_args=["--elastic-ft-deadline-s", "2",
-                                  "--elastic-ft-rebuild-budget-s", "20"])
-    with simulated.SimulatedNodes(2) as nodes, \
-            MultiNodeServer(nodes, spec, 2, tmp_path_factory.mktemp("nodes")) as server:
-        server.wait_ready(900)
-        yield server
+    yield from serve_on_simulated_nodes(tiny_moe_path, tmp_path_factory.mktemp("nodes"), 4, 2)
 
 
 def _wait(predicate, timeout_s: float, what: str):
@@ -71,7 +61,7 @@ def test_a_rank_killed_on_the_secondary_node_is_named_and_the_group_heals(two_no
     # (counted below); any other failure is a lost request.
     load = threading.Thread(target=lambda: results.append(run_load(
         server.url, PROMPTS, 32, 8, max_tokens=32, timeout_s=180, progress_every_s=None,
-        retry_for_s=60)), daemon=True)
+        retry_for_s=60, stream_every=2)), daemon=True)
     load.start()
     time.sleep(2.0)  # requests are running on every rank
     injection = faults.signal_process("kill", victim, 2)
@@ -81,6 +71,7 @@ def test_a_rank_killed_on_the_secondary_node_is_named_and_the_group_heals(two_no
     summary = results[0]
     assert summary.failed == 0 and summary.ok == 32, [r.error for r in summary.records
                                                       if not r.ok]
+    assert sum(r.stream for r in summary.records) == 16  # half streamed (OpenAI client)
     wrong = [(r.index, r.prompt, r.token_ids, no_fault[r.prompt]) for r in summary.records
              if r.token_ids != no_fault[r.prompt]]
     assert not wrong, (len(wrong), wrong[:2])
@@ -123,7 +114,7 @@ def test_a_lost_rank_is_replaced_on_its_own_node(two_nodes):
     results: list = []
     load = threading.Thread(target=lambda: results.append(run_load(
         server.url, PROMPTS, 24, 4, max_tokens=32, timeout_s=600, progress_every_s=None,
-        retry_for_s=60)), daemon=True)
+        retry_for_s=60, stream_every=2)), daemon=True)
     load.start()
     code, answer = server.head.post_json("/elastic_ft/replace", {"rank": 2}, timeout_s=600)
     assert code == 200 and answer["members"] == [0, 1, 2, 3], answer
@@ -163,7 +154,7 @@ def test_a_partitioned_node_is_left_out_and_refused_after_the_link_returns(two_n
     results: list = []
     load = threading.Thread(target=lambda: results.append(run_load(
         server.url, PROMPTS, 32, 8, max_tokens=32, timeout_s=180, progress_every_s=None,
-        retry_for_s=90)), daemon=True)
+        retry_for_s=90, stream_every=2)), daemon=True)
     load.start()
     time.sleep(2.0)
     cut_at = time.time()
@@ -194,7 +185,7 @@ def test_a_partitioned_node_is_left_out_and_refused_after_the_link_returns(two_n
     after: list = []
     load = threading.Thread(target=lambda: after.append(run_load(
         server.url, PROMPTS, 12, 4, max_tokens=16, timeout_s=120, progress_every_s=None,
-        retry_for_s=30)), daemon=True)
+        retry_for_s=30, stream_every=2)), daemon=True)
     load.start()
     load.join(timeout=200)
     assert after[0].failed == 0 and after[0].ok == 12

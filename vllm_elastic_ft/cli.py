@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the client retries a request refused with 503 (the "
                    "design's answer while the group is fenced, as an ingress would); any other "
                    "failure is a lost request")
+    p.add_argument("--stream-every", type=int, default=2, metavar="N",
+                   help="stream every N-th request through the OpenAI client (no retries); "
+                   "0: plain completions only (default: 2, half of them)")
     p.add_argument("--baseline", action="store_true",
                    help="also run the same load and fault with a group restart instead of the "
                    "in-engine rebuild, and the deployment on stock vLLM (no plugin)")

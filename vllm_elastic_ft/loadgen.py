@@ -3,7 +3,9 @@
 ``run_load`` keeps ``concurrency`` requests in flight until ``num_requests``
 have been sent, and records each request's start, end, output tokens and
 error. Benchmarks turn the records into tokens/s; the failure drill turns them
-into a requests/s timeline and counts lost requests.
+into a requests/s timeline and counts lost requests. Plain completions go over
+``urllib``; streaming ones (``stream_every``) through the official OpenAI client
+with ``max_retries=0``, as a user's client would stream them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class RequestRecord:
     token_ids: list[int] | None = None
     error: str | None = None
     attempts: int = 1
+    stream: bool = False
 
 
 @dataclass
@@ -88,6 +91,37 @@ def complete_once(
     return list(choice["token_ids"])
 
 
+def stream_once(
+    url: str, prompt: str, max_tokens: int, timeout_s: float, model: str = "tiny-moe"
+) -> list[int]:
+    """One greedy streaming completion through the official OpenAI client (it never
+    retries: ``max_retries=0``); returns the output token ids its chunks carried (raises on
+    any error, an error inside the stream included)."""
+    from openai import OpenAI
+
+    tokens: list[int] = []
+    finish_reason = None
+    with OpenAI(base_url=url.rstrip("/") + "/v1", api_key="unused", max_retries=0,
+                timeout=timeout_s) as client:
+        for chunk in client.completions.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                stream=True, extra_body={"ignore_eos": True, "return_token_ids": True}):
+            for choice in chunk.choices:
+                tokens.extend(getattr(choice, "token_ids", None) or [])
+                finish_reason = choice.finish_reason or finish_reason
+    if finish_reason not in ("length", "stop"):
+        raise RuntimeError(f"stream ended with finish_reason={finish_reason!r} after "
+                           f"{len(tokens)} token(s)")
+    return tokens
+
+
+def _refused(err: Exception) -> bool:
+    """Whether ``err`` is a 503 refusal (the group is fenced: the one retriable answer)."""
+    if isinstance(err, urllib.error.HTTPError):
+        return err.code == 503
+    return getattr(err, "status_code", None) == 503  # openai.APIStatusError
+
+
 def run_load(
     url: str,
     prompts: Sequence[str],
@@ -98,8 +132,12 @@ def run_load(
     on_record: Callable[[RequestRecord], None] | None = None,
     progress_every_s: float | None = 10.0,
     retry_for_s: float = 0.0,
+    stream_every: int = 0,
 ) -> LoadSummary:
     """Send ``num_requests`` completions, ``concurrency`` at a time (closed loop).
+
+    ``stream_every`` = n > 0 streams every n-th request (index 0, n, 2n, ...; 2: half
+    of them) through the OpenAI client; 0 streams none.
 
     ``retry_for_s`` > 0 plays an ingress that retries what the design says is
     retriable, and only that: a request refused with 503 (the group is fenced or
@@ -116,25 +154,26 @@ def run_load(
 
     def one(index: int) -> None:
         prompt = prompts[index % len(prompts)]
+        stream = stream_every > 0 and index % stream_every == 0
+        send = stream_once if stream else complete_once
         start = time.monotonic()
         attempts = 0
         while True:
             attempts += 1
             try:
-                tokens = complete_once(url, prompt, max_tokens, timeout_s)
+                tokens = send(url, prompt, max_tokens, timeout_s)
                 record = RequestRecord(index, prompt, start, time.monotonic(), True,
-                                       len(tokens), tokens, attempts=attempts)
+                                       len(tokens), tokens, attempts=attempts, stream=stream)
                 break
-            except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
-                refused = isinstance(err, urllib.error.HTTPError) and err.code == 503
-                if refused and time.monotonic() - start < retry_for_s:
+            except Exception as err:  # noqa: BLE001 - every failure is recorded: a lost request
+                if _refused(err) and time.monotonic() - start < retry_for_s:
                     time.sleep(0.25)
                     continue
                 detail = err.read().decode(errors="replace")[:200] if isinstance(
                     err, urllib.error.HTTPError) else ""
                 record = RequestRecord(index, prompt, start, time.monotonic(), False,
                                        error=f"{type(err).__name__}: {err} {detail}".strip(),
-                                       attempts=attempts)
+                                       attempts=attempts, stream=stream)
                 break
         with lock:
             records.append(record)
