@@ -369,3 +369,69 @@ def test_a_peer_whose_clock_is_far_behind_is_not_stale_while_it_beats(store):
         assert report.detected_at - stopped < stale_s + 1.0, report.detected_at - stopped
     finally:
         wd.shutdown()
+
+
+class _StallingStore:
+    """A watcher's store client whose next ``set`` waits ``stall_s`` (a store, or a watcher,
+    that stalls: the watcher's reads wait with it)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.stall_s = 0.0
+
+    def set(self, key, value):
+        stall, self.stall_s = self.stall_s, 0.0
+        time.sleep(stall)
+        return self.inner.set(key, value)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("discounted", [True, False])
+def test_a_stall_of_the_watcher_or_store_is_no_peers_silence(store, monkeypatch, discounted):
+    """The store stalls 1.5 s (> stale_s): the watcher's beat and reads wait, and so does the
+    peer's beat, which is answered after the watcher's read. The first read after the gap
+    finds the peer's value of before it. Without the discount (``discounted=False``, the
+    old rule) that named a live peer hung — the test would pass only with the rule in."""
+    if not discounted:
+        monkeypatch.setattr(RankWatchdog, "_discount_own_gap", lambda self, now: None)
+    stale_s = 0.6
+    sink = LogAndCountSink()
+    paused = threading.Event()
+    stop = threading.Event()
+
+    def beat():
+        client = _client(store)
+        n = 0
+        while not stop.is_set():
+            if not paused.is_set():
+                n += 1
+                client.set(keys.heartbeat(GROUP, 0, 1),
+                           RankStatus(1, 4242, "elsewhere", time.time(), n, n).encode())
+            time.sleep(INTERVAL_S)
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    stalling = _StallingStore(_client(store))
+    wd = RankWatchdog(WatchdogSettings(deadline_s=1.0, warmup_calls=0,
+                                       heartbeat_interval_s=INTERVAL_S,
+                                       heartbeat_stale_s=stale_s),
+                      stalling, GROUP, 0, 2, sink=sink)
+    try:
+        time.sleep(4 * INTERVAL_S)
+        paused.set()
+        stalling.stall_s = 1.5  # the next beat of the watcher waits; its reads after it
+        time.sleep(1.5 + 2 * INTERVAL_S)  # the watcher's first read after the gap is done
+        time.sleep(2 * INTERVAL_S)  # ... and its second, before the peer's queued beat
+        paused.clear()
+        time.sleep(6 * INTERVAL_S)
+        named = _reports_on(sink, 1)
+        if discounted:
+            assert not named, named
+        else:
+            assert named and named[0].kind is FaultKind.HUNG, "the test did not stall"
+    finally:
+        stop.set()
+        beater.join(timeout=5)
+        wd.shutdown()
