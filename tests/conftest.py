@@ -30,8 +30,13 @@ def serve_on_simulated_nodes(tiny_moe_path: str, log_dir, dp: int, num_nodes: in
     why = simulated.unavailable()
     if why:
         pytest.skip(why)
+    # heartbeat_stale_s 5 (default 2): on this 2-core box a live rank's watcher stalls for
+    # 1.1-2.2 s while a replacement engine starts on its node (the watchdog logs "could not
+    # reach the store for ..."), and a stall longer than heartbeat_stale_s names a live
+    # rank hung, by design. Deaths are still named at once (node agent, node-mate's /proc).
     spec = ServerSpec(tiny_moe_path, data_parallel_size=dp, expert_parallel=True,
                       extra_args=["--elastic-ft-deadline-s", "2",
+                                  "--elastic-ft-heartbeat-stale-s", "5",
                                   "--elastic-ft-rebuild-budget-s", "20"])
     with simulated.SimulatedNodes(num_nodes) as nodes, \
             MultiNodeServer(nodes, spec, dp // num_nodes, log_dir) as server:

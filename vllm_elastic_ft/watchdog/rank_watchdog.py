@@ -549,6 +549,11 @@ class RankWatchdog:
         excess = now - last - interval
         if excess <= interval:
             return
+        if excess > self.settings.heartbeat_stale_s / 2:
+            # This rank's own beats stopped as long: its peers may name it hung.
+            logger.warning("rank %d: the watcher could not reach the store for %.2fs (its "
+                           "thread, or the store, stalled); not counted against its peers",
+                           self.rank, excess + interval)
         self._heard = {rank: (status, first_read + excess)
                        for rank, (status, first_read) in self._heard.items()}
 
