@@ -147,6 +147,11 @@ def run_load(
     refused connection, a timeout) is final: it is the request lost.
     ``RequestRecord.attempts`` counts the tries (``LoadSummary.retried``).
     """
+    if stream_every > 0:
+        # Imported before the first request: the first import of the OpenAI client takes
+        # a second or more here, and a caller that times a fault after the load started
+        # (a kill 2 s in) would otherwise meet requests that have not reached the server.
+        import openai  # noqa: F401
     lock = threading.Lock()
     records: list[RequestRecord] = []
     t0 = time.monotonic()
