@@ -120,27 +120,35 @@ def test_the_agreement_is_unchanged_when_nothing_fails(store):
     assert time.monotonic() - started < 0.4, "no one waited out a window or a lease"
 
 
+def lead_then_follow(store, leader, follower, window_s, silent=None):
+    """Agreement at epoch 1 of two survivors, each ``(rank, expected, suspects)``: the
+    leader claims the lead first (it alone gets ``silent``), then the follower registers.
+    Returns rank -> Membership and the seconds it took."""
+    results = {}
+
+    def run(rank, expected, suspects, silent=None):
+        results[rank] = ms.agree(store, GROUP, 1, rank, expected, window_s, _place,
+                                 timeout_s=10.0, eligible=[0, 1, 2, 3], suspects=suspects,
+                                 silent=silent)
+
+    first = threading.Thread(target=run, args=(*leader, silent))
+    second = threading.Thread(target=run, args=follower)
+    started = time.monotonic()
+    first.start()
+    time.sleep(0.05)  # the leader claims the lead first
+    second.start()
+    first.join(timeout=15)
+    second.join(timeout=15)
+    return results, time.monotonic() - started
+
+
 def test_a_leader_does_not_wait_for_a_rank_another_member_named(store):
     """A node of two ranks (2, 3) is cut off: rank 0's report named only rank 3 (rank 2's
     heartbeat was a tick younger), rank 1's named both. Rank 0 leads, expecting rank 2 —
     rank 1's registration says it is gone, so the leader publishes [0, 1] at once instead
     of waiting out its window for rank 2 (the partition took 5.1 s, 3 of them this wait)."""
     window_s = 3.0
-    results = {}
-
-    def run(rank, expected, suspects):
-        results[rank] = ms.agree(store, GROUP, 1, rank, expected, window_s, _place,
-                                 timeout_s=10.0, eligible=[0, 1, 2, 3], suspects=suspects)
-
-    leader = threading.Thread(target=run, args=(0, [0, 1, 2], [3]))
-    started = time.monotonic()
-    leader.start()
-    time.sleep(0.05)  # rank 0 claims the lead first
-    follower = threading.Thread(target=run, args=(1, [0, 1], [2, 3]))
-    follower.start()
-    leader.join(timeout=15)
-    follower.join(timeout=15)
-    took = time.monotonic() - started
+    results, took = lead_then_follow(store, (0, [0, 1, 2], [3]), (1, [0, 1], [2, 3]), window_s)
     assert results[0].members == results[1].members == (0, 1) and results[0].leader == 0
     assert took < window_s / 3, f"the leader waited {took:.2f}s for a rank named gone"
 

@@ -10,15 +10,14 @@ its way to register never looks silent. Real TCPStore and real watchdogs; ranks 
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
+from test_membership_leader import lead_then_follow
 
 from vllm_elastic_ft.comm import keys
-from vllm_elastic_ft.group import membership as ms
 from vllm_elastic_ft.group.fencing import fence
 from vllm_elastic_ft.watchdog.rank_watchdog import RankWatchdog, WatchdogSettings
 
@@ -38,30 +37,12 @@ def _client(store) -> dist.TCPStore:
     return dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timedelta(seconds=30))
 
 
-def _place(members):
-    return {r: (i,) for i, r in enumerate(members)}
-
-
-def _agree(store, results, rank, expected, suspects, silent=None):
-    results[rank] = ms.agree(store, GROUP, 1, rank, expected, WINDOW_S, _place, timeout_s=10.0,
-                             eligible=[0, 1, 2, 3], suspects=suspects, silent=silent)
-
-
 def test_the_leader_stops_waiting_for_a_rank_that_falls_silent_during_the_window(store):
     """Both survivors named rank 3 only; rank 2 falls silent 0.3 s into the window."""
     named_at = time.monotonic() + 0.3
-    results: dict = {}
-    leader = threading.Thread(target=_agree, args=(
-        store, results, 0, [0, 1, 2], [3],
-        lambda: {2, 3} if time.monotonic() >= named_at else {3}))
-    follower = threading.Thread(target=_agree, args=(store, results, 1, [0, 1, 2], [3]))
-    started = time.monotonic()
-    leader.start()
-    time.sleep(0.05)  # rank 0 claims the lead
-    follower.start()
-    leader.join(timeout=15)
-    follower.join(timeout=15)
-    took = time.monotonic() - started
+    results, took = lead_then_follow(
+        store, (0, [0, 1, 2], [3]), (1, [0, 1, 2], [3]), WINDOW_S,
+        silent=lambda: {2, 3} if time.monotonic() >= named_at else {3})
     assert results[0].members == results[1].members == (0, 1) and results[0].leader == 0
     assert took < WINDOW_S / 3, f"the leader waited {took:.2f}s for a silent rank"
 
@@ -69,30 +50,18 @@ def test_the_leader_stops_waiting_for_a_rank_that_falls_silent_during_the_window
 def test_without_the_silent_check_the_leader_waits_out_its_window(store):
     """The same agreement with nothing telling the leader: the whole window (what the check
     saves, and proof that the test above measures it)."""
-    results: dict = {}
-    leader = threading.Thread(target=_agree, args=(store, results, 0, [0, 1, 2], [3]))
-    follower = threading.Thread(target=_agree, args=(store, results, 1, [0, 1, 2], [3]))
-    started = time.monotonic()
-    leader.start()
-    time.sleep(0.05)
-    follower.start()
-    leader.join(timeout=15)
-    follower.join(timeout=15)
+    results, took = lead_then_follow(store, (0, [0, 1, 2], [3]), (1, [0, 1, 2], [3]), WINDOW_S)
     assert results[0].members == (0, 1)
-    assert time.monotonic() - started >= WINDOW_S * 0.9
+    assert took >= WINDOW_S * 0.9
 
 
 def test_a_failing_silent_check_leaves_the_agreement_as_it_was(store):
     def broken():
         raise ConnectionError("store gone")
 
-    results: dict = {}
-    leader = threading.Thread(target=_agree, args=(store, results, 0, [0, 1], [], broken))
-    leader.start()
-    time.sleep(0.3)
-    _agree(store, results, 1, [0, 1], [])
-    leader.join(timeout=15)
-    assert results[0].members == (0, 1)
+    results, _ = lead_then_follow(store, (0, [0, 1], []), (1, [0, 1], []), WINDOW_S,
+                                  silent=broken)
+    assert results[0].members == results[1].members == (0, 1)
 
 
 def _watchdog(store, rank: int, world: int) -> RankWatchdog:
