@@ -83,7 +83,7 @@ def test_kill_rank0_worker_under_load_rebuilds_in_engine(dp4_server, reference_t
         dp4_server.url, PROMPTS, 32, 8, max_tokens=32, timeout_s=120, progress_every_s=None,
         retry_for_s=60, stream_every=2)), daemon=True)
     load.start()
-    time.sleep(2.0)  # requests are running on every rank
+    _wait_running_on(dp4_server, 0)  # the kill must meet requests on rank 0
     injection = faults.signal_process("kill", victim, 0)
     status = _wait_status(dp4_server, lambda s: s["epoch"] >= 1 and s["state"] == "HEALTHY", 30)
     load.join(timeout=180)
@@ -124,6 +124,19 @@ def _resubmitted(server: VLLMServer) -> int:
     """Requests the front end re-submitted as continuations so far."""
     recovery = server.get_json("/elastic_ft/status").get("recovery") or {}
     return int(recovery.get("requests_resubmitted", 0))
+
+
+def _wait_running_on(server: VLLMServer, engine: int, timeout_s: float = 60.0) -> None:
+    """Until vLLM's own gauge says engine ``engine`` runs a request (a fixed sleep after the
+    load starts met an idle rank 0 on a loaded CI box: nothing to re-submit)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in server.get_text("/metrics").splitlines():
+            if (line.startswith("vllm:num_requests_running{") and f'engine="{engine}"' in line
+                    and float(line.rsplit(" ", 1)[1]) > 0):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no request ran on engine {engine} within {timeout_s:.0f}s")
 
 
 def _engine_successes(server: VLLMServer, engine: int) -> float:
