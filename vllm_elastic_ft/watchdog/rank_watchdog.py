@@ -169,7 +169,7 @@ class RankWatchdog:
         #: Per rank: its last valid status and when this rank first read it (wall clock).
         self._heard: dict[int, tuple[RankStatus, float]] = {}
         #: When this rank's last tick got through to the store (None: none in this epoch).
-        self._last_read: float | None = None
+        self._last_tick_answered: float | None = None
         #: Ranks whose heartbeat key exists in this epoch (keys are never deleted in one).
         self._beating: set[int] = set()
         self._peer_fault_epoch = -1  # epoch in which a dead/hung peer was reported
@@ -366,7 +366,7 @@ class RankWatchdog:
             self._pending.clear()
             self._reported.clear()
             self._heard.clear()  # the new epoch's keys, and ranks renumbered
-            self._last_read = None
+            self._last_tick_answered = None
             self._beating.clear()
             self._logged_bad.clear()
         logger.info("rank watchdog: group=%s now epoch=%d rank=%d/%d", self.group, epoch, rank,
@@ -537,12 +537,12 @@ class RankWatchdog:
         When this rank's watcher stalls, or the store does (every client's reads and
         writes wait, then the queued reads are answered before a peer's queued beat),
         a peer's heartbeat was not seen to stop, only not seen: the first read after
-        the gap finds the value of before it. Measured as it was, that gap named a
-        live rank hung (two watchers at the same millisecond, "no heartbeat for 2.05s",
-        on a loaded two-node run). The part of the gap beyond one interval is taken off
-        every peer's age; a peer that really stopped still ages, at the rate this
-        rank can watch it."""
-        last, self._last_read = self._last_read, now
+        the gap finds the value of before it, and measured as it was, the gap would
+        count as the peer's silence. The part of the gap beyond one interval is taken
+        off every peer's age; a peer that really stopped still ages, at the rate this
+        rank can watch it. (This rank's own stall is logged: its peers cannot discount
+        it, and may name it hung.)"""
+        last, self._last_tick_answered = self._last_tick_answered, now
         if last is None:
             return
         interval = self.settings.heartbeat_interval_s
